@@ -1,0 +1,233 @@
+"""Typed configuration schemas (registered with Hydra's ConfigStore) and their validation.
+
+Every user-facing mistake is a ``ValueError`` naming the config key and the offending value, raised
+before any process group is created or any file is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ROUTERS = ("softmax", "sigmoid")
+BACKENDS = ("auto", "nccl", "gloo")
+DATASETS = ("stdlib", "text", "tokens")
+WANDB_MODES = ("disabled", "offline", "online")
+GROUPED_MM_MODES = ("auto", "on", "off")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8  # routed experts per MoE layer (0 = dense FFN everywhere)
+    top_k: int = 2  # experts chosen per token
+    expert_hidden: int = 256  # hidden width F of each SwiGLU expert
+    capacity_factor: float | None = None  # None = dropless; else capacity = ceil(cf * T * k / E) per rank
+    router: str = "softmax"  # "softmax" (GShard/Mixtral) or "sigmoid" (DeepSeek-V3, aux-loss-free bias)
+    norm_topk: bool = True  # renormalise the k selected gate weights to sum to 1 (Mixtral)
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss weight (global-batch statistics)
+    z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE)
+    num_shared_experts: int = 0  # always-on experts of width expert_hidden beside the routed ones
+    noisy_gate: bool = False  # Shazeer-2017 learned Gaussian noise on router logits while training
+    bias_update_rate: float = 0.001  # aux-loss-free bias step per optimizer step (sigmoid router only)
+    every_n_layers: int = 1  # MoE FFN in every n-th block, dense FFN in the others
+    grouped_mm: str = "auto"  # "auto": grouped_mm where the device and shapes allow; "on"; "off" (loop)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256  # byte-level by default
+    dim: int = 128  # model width D
+    n_layers: int = 4
+    n_heads: int = 4
+    seq_len: int = 128  # maximum (and training) sequence length
+    ffn_hidden: int = 512  # hidden width of the dense SwiGLU FFN (non-MoE blocks)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass
+class ParallelConfig:
+    ep: int = 1  # expert-parallel degree; world_size / ep ranks replicate each expert shard (EDP)
+    backend: str = "auto"  # "auto" = nccl when CUDA is available, else gloo
+    timeout_s: float = 600.0  # process-group timeout: a collective stuck longer fails instead of hanging
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib"  # "stdlib" (this Python's standard-library sources), "text", "tokens"
+    path: str | None = None  # file, directory or glob (text); a uint16 .bin file (tokens)
+    val_fraction: float = 0.05  # share of files (stdlib/text) or tokens (tokens) held out for eval
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    global_batch_size: int = 16  # sequences per optimizer step over all ranks
+    micro_batch_size: int = 8  # sequences per rank per forward; accumulation fills the rest
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # clip on the exact global norm; 0 disables
+    seed: int = 1234
+    log_every: int = 10
+    eval_every: int = 100  # 0 disables periodic eval
+    eval_batches: int = 4
+    ckpt_every: int = 100  # 0 disables periodic checkpoints; the last step is always saved
+    keep_checkpoints: int = 3  # newest complete checkpoints kept
+    out_dir: str | None = None  # run directory; default: Hydra's output directory
+    resume: str = "auto"  # "auto" (newest complete checkpoint in out_dir), "none", or a checkpoint path
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    progress_bar: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # disabled | offline | online
+    project: str = "moe_dist"
+    entity: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    """Registers the schemas so that the YAML files under configs/ are type-checked by Hydra."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    cs.store(group="logging", name="logging_schema", node=LoggingConfig)
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r}: {why}")
+
+
+def validate_moe(moe: MoEConfig, *, dim: int | None = None, ep: int = 1, prefix: str = "model.moe") -> None:
+    """Checks an MoE layer config (and its fit to the expert-parallel degree)."""
+    p = prefix
+    _require(moe.num_experts >= 0, f"{p}.num_experts", moe.num_experts, "must be >= 0")
+    _require(moe.num_shared_experts >= 0, f"{p}.num_shared_experts", moe.num_shared_experts, "must be >= 0")
+    _require(moe.router in ROUTERS, f"{p}.router", moe.router, f"must be one of {ROUTERS}")
+    _require(
+        moe.grouped_mm in GROUPED_MM_MODES, f"{p}.grouped_mm", moe.grouped_mm, f"must be one of {GROUPED_MM_MODES}"
+    )
+    _require(moe.every_n_layers >= 1, f"{p}.every_n_layers", moe.every_n_layers, "must be >= 1")
+    _require(moe.aux_loss_coef >= 0, f"{p}.aux_loss_coef", moe.aux_loss_coef, "must be >= 0")
+    _require(moe.z_loss_coef >= 0, f"{p}.z_loss_coef", moe.z_loss_coef, "must be >= 0")
+    _require(moe.bias_update_rate >= 0, f"{p}.bias_update_rate", moe.bias_update_rate, "must be >= 0")
+    if moe.num_experts == 0:
+        return
+    _require(moe.top_k >= 1, f"{p}.top_k", moe.top_k, "must be >= 1")
+    _require(
+        moe.top_k <= moe.num_experts,
+        f"{p}.top_k",
+        moe.top_k,
+        f"must be <= {p}.num_experts={moe.num_experts}",
+    )
+    _require(moe.expert_hidden >= 1, f"{p}.expert_hidden", moe.expert_hidden, "must be >= 1")
+    if moe.capacity_factor is not None:
+        _require(
+            moe.capacity_factor > 0,
+            f"{p}.capacity_factor",
+            moe.capacity_factor,
+            "must be > 0 (or null for dropless routing)",
+        )
+    _require(
+        moe.num_experts % ep == 0,
+        f"{p}.num_experts",
+        moe.num_experts,
+        f"must be divisible by parallel.ep={ep} (experts are sharded evenly over the EP ranks)",
+    )
+    if dim is not None:
+        _require(dim >= 1, "model.dim", dim, "must be >= 1")
+
+
+def validate_layout(*, world_size: int, ep: int, num_experts: int) -> None:
+    """Checks the edp x ep mesh: called before any collective."""
+    _require(ep >= 1, "parallel.ep", ep, "must be >= 1")
+    _require(
+        world_size % ep == 0,
+        "parallel.ep",
+        ep,
+        f"must divide the world size {world_size} (world = edp x ep)",
+    )
+    if num_experts > 0:
+        _require(
+            num_experts % ep == 0,
+            "model.moe.num_experts",
+            num_experts,
+            f"must be divisible by parallel.ep={ep}",
+        )
+    else:
+        _require(ep == 1, "parallel.ep", ep, "must be 1 for a dense model (model.moe.num_experts=0)")
+
+
+def validate(cfg: Config, *, world_size: int) -> None:
+    """Checks the whole run config against the world size; raises ValueError naming key and value."""
+    m, t = cfg.model, cfg.trainer
+    for key in ("vocab_size", "dim", "n_layers", "n_heads", "seq_len", "ffn_hidden"):
+        _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
+    _require(m.dim % m.n_heads == 0, "model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
+    _require((m.dim // m.n_heads) % 2 == 0, "model.n_heads", m.n_heads, "head dim must be even for RoPE")
+    _require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
+    validate_moe(m.moe, dim=m.dim, ep=cfg.parallel.ep)
+    _require(
+        cfg.parallel.backend in BACKENDS, "parallel.backend", cfg.parallel.backend, f"must be one of {BACKENDS}"
+    )
+    _require(cfg.parallel.timeout_s > 0, "parallel.timeout_s", cfg.parallel.timeout_s, "must be > 0")
+    validate_layout(world_size=world_size, ep=cfg.parallel.ep, num_experts=m.moe.num_experts)
+
+    d = cfg.data
+    _require(d.name in DATASETS, "data.name", d.name, f"must be one of {DATASETS}")
+    if d.name in ("text", "tokens"):
+        _require(bool(d.path), "data.path", d.path, f"is required for data.name={d.name}")
+    _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
+
+    _require(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
+    _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size, "must be >= 1")
+    _require(
+        t.global_batch_size >= 1 and t.global_batch_size % (world_size * t.micro_batch_size) == 0,
+        "trainer.global_batch_size",
+        t.global_batch_size,
+        f"must be a positive multiple of world_size x trainer.micro_batch_size = "
+        f"{world_size} x {t.micro_batch_size}",
+    )
+    _require(t.lr > 0, "trainer.lr", t.lr, "must be > 0")
+    _require(0 <= t.min_lr_ratio <= 1, "trainer.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    _require(t.warmup_steps >= 0, "trainer.warmup_steps", t.warmup_steps, "must be >= 0")
+    _require(t.weight_decay >= 0, "trainer.weight_decay", t.weight_decay, "must be >= 0")
+    _require(t.grad_clip >= 0, "trainer.grad_clip", t.grad_clip, "must be >= 0 (0 disables)")
+    _require(t.log_every >= 1, "trainer.log_every", t.log_every, "must be >= 1")
+    _require(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 disables)")
+    _require(t.eval_batches >= 1, "trainer.eval_batches", t.eval_batches, "must be >= 1")
+    _require(t.ckpt_every >= 0, "trainer.ckpt_every", t.ckpt_every, "must be >= 0 (0 disables)")
+    _require(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "must be auto, cpu or cuda")
+    _require(
+        cfg.logging.wandb.mode in WANDB_MODES,
+        "logging.wandb.mode",
+        cfg.logging.wandb.mode,
+        f"must be one of {WANDB_MODES}",
+    )

@@ -1,0 +1,91 @@
+"""The MoE layer: route → dispatch → grouped experts → combine (+ shared experts).
+
+Legend: T tokens on this rank, D model dim, K experts per token, E global experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_dist.config import MoEConfig, validate_moe
+from moe_dist.moe.dispatch import TokenDispatcher
+from moe_dist.moe.experts import GroupedExperts
+from moe_dist.moe.router import Router
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU MLP (the dense FFN, and the shared experts concatenated along the hidden dim)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+@dataclass
+class MoEStats:
+    """What one forward of the layer reports (the losses carry gradients)."""
+
+    aux_loss: torch.Tensor  # this rank's share of the global load-balancing loss (unweighted)
+    z_loss: torch.Tensor  # this rank's share of the global router z-loss (unweighted)
+    counts_E: torch.Tensor  # routed copies per global expert on this rank (before drops)
+    num_dropped: int  # copies dropped by capacity on this rank
+    num_copies: int  # T·K routed copies on this rank
+
+    def weighted_loss(self, cfg: MoEConfig) -> torch.Tensor:
+        return cfg.aux_loss_coef * self.aux_loss + cfg.z_loss_coef * self.z_loss
+
+
+class MoELayer(nn.Module):
+    """Expert-parallel MoE feed-forward layer, usable as a drop-in module in any model.
+
+    Built as a single-device module holding all E experts; ``moe_dist.parallelize_moe(model, mesh)`` shards
+    the experts over the mesh's EP group afterwards. Input [..., D] → output [..., D] in the input dtype.
+    After each forward, ``layer.stats`` holds the losses and counts of that forward.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        validate_moe(cfg, dim=dim)
+        assert cfg.num_experts > 0, "an MoE layer needs num_experts > 0"
+        self.cfg = cfg
+        self.router = Router(dim, cfg)
+        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden, grouped_mm=cfg.grouped_mm)
+        shared_hidden = cfg.num_shared_experts * cfg.expert_hidden
+        self.shared_experts = SwiGLU(dim, shared_hidden) if shared_hidden > 0 else None
+        self.dispatcher = TokenDispatcher(cfg.num_experts)
+        self.stats: MoEStats | None = None
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Per-expert capacity on this rank (GShard / Switch convention), None when dropless."""
+        if self.cfg.capacity_factor is None:
+            return None
+        return math.ceil(self.cfg.capacity_factor * num_tokens * self.cfg.top_k / self.cfg.num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_TD = x.reshape(-1, x.shape[-1])
+        routing = self.router(x_TD)
+        d = self.dispatcher.dispatch(
+            x_TD, routing.expert_ids_TK, routing.weights_TK, routing.counts_E, capacity=self.capacity(len(x_TD))
+        )
+        y_RD = self.experts(d.x_RD, d.tokens_per_expert_L, d.tokens_per_expert_host)
+        y_TD = self.dispatcher.combine(y_RD, d.state)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD).float()
+        self.stats = MoEStats(
+            aux_loss=routing.aux_loss,
+            z_loss=routing.z_loss,
+            counts_E=routing.counts_E,
+            num_dropped=d.num_dropped or 0,
+            num_copies=routing.expert_ids_TK.numel(),
+        )
+        return y_TD.to(x.dtype).view(x.shape)

@@ -1,0 +1,119 @@
+"""Turns a built single-device model into an EP x DP model, and the gradient semantics that go with it.
+
+Loss convention: every rank computes its loss so that the mean over the W ranks is the global-mean loss
+(equal local batches: the local mean). Then:
+- dense parameters (replicated on all ranks): all-reduce sum over the world, divide by W;
+- expert parameters (one shard per EP rank, replicated over EDP): the backward all-to-all has already
+  summed the contributions of every rank in the EP group, so all-reduce sum over EDP covers all W ranks,
+  and the divisor is W as well (not edp: averaging over EDP alone would leave them ep times too large).
+Each gradient then equals the single-device gradient of the global-mean loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe_dist.moe.dispatch import TokenDispatcher
+from moe_dist.moe.experts import GroupedExperts
+from moe_dist.moe.layer import MoELayer
+from moe_dist.parallel.mesh import Mesh
+
+BUCKET_NUMEL = 1 << 24  # elements per flattened all-reduce bucket
+
+
+def parallelize_moe(model: nn.Module, mesh: Mesh) -> nn.Module:
+    """Shards the experts of every MoELayer in ``model`` over the mesh's EP group (in place).
+
+    Works on real or meta tensors: the local shard keeps the global expert ids
+    [ep_rank·L, (ep_rank+1)·L), so weights initialised from a seed per global expert are the same global
+    weights at every EP degree.
+    """
+    for layer in model.modules():
+        if not isinstance(layer, MoELayer):
+            continue
+        experts: GroupedExperts = layer.experts
+        num_experts = layer.cfg.num_experts
+        if experts.num_local_experts != num_experts:
+            raise RuntimeError("parallelize_moe: this model's experts are already sharded")
+        first, num_local = mesh.expert_shard(num_experts)
+        for name in ("w_gate_up", "w_down"):
+            full = getattr(experts, name)
+            shard = full.detach()[first : first + num_local].clone()
+            setattr(experts, name, nn.Parameter(shard, requires_grad=full.requires_grad))
+        experts.expert_offset = first
+        layer.dispatcher = TokenDispatcher(num_experts, group=mesh.ep_group, ep=mesh.ep)
+        layer.router.dp_group, layer.router.dp_size = mesh.world_group, mesh.world_size
+    return model
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(dense parameters, expert parameters), each in a fixed order that is the same on all ranks."""
+    expert_ids = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    dense, expert = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (expert if id(p) in expert_ids else dense).append(p)
+    return dense, expert
+
+
+def _all_reduce_grads(params: list[nn.Parameter], group, divisor: int) -> None:
+    grads = []
+    for p in params:
+        if p.grad is None:  # every rank must contribute the same buffers, used or not
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    if group is not None:
+        bucket: list[torch.Tensor] = []
+        numel = 0
+        for i, g in enumerate(grads):
+            bucket.append(g)
+            numel += g.numel()
+            if numel >= BUCKET_NUMEL or i == len(grads) - 1:
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                dist.all_reduce(flat, group=group)
+                for b, synced in zip(bucket, flat.split([b.numel() for b in bucket])):
+                    b.copy_(synced.view_as(b))
+                bucket, numel = [], 0
+    if divisor != 1:
+        torch._foreach_div_(grads, divisor)
+
+
+@torch.no_grad()
+def sync_gradients(model: nn.Module, mesh: Mesh) -> None:
+    """Makes every gradient the single-device gradient of the global-mean loss (see module doc)."""
+    dense, expert = split_parameters(model)
+    _all_reduce_grads(dense, mesh.world_group, mesh.world_size)
+    _all_reduce_grads(expert, mesh.edp_group, mesh.world_size)
+
+
+def _sum_of_squares(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.stack(torch._foreach_norm(grads)).float().square().sum()
+
+
+@torch.no_grad()
+def global_grad_norm(model: nn.Module, mesh: Mesh) -> torch.Tensor:
+    """Exact L2 norm of the full (unsharded) gradient, identical on all ranks; call after sync_gradients.
+
+    Dense gradients are the same on every rank and count once. Each expert shard counts once: its squares
+    are summed over the EP group only (EDP replicas are identical and would be counted edp times over the
+    world; averaging per-rank norms, a known bug elsewhere, is wrong for any ep > 1).
+    """
+    dense, expert = split_parameters(model)
+    device = next(model.parameters()).device
+    expert_sq = _sum_of_squares(expert, device)
+    if mesh.ep_group is not None:
+        dist.all_reduce(expert_sq, group=mesh.ep_group)
+    return (_sum_of_squares(dense, device) + expert_sq).sqrt()
+
+
+@torch.no_grad()
+def clip_gradients_(model: nn.Module, *, max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scales all gradients by min(1, max_norm / total_norm); the same factor on every rank."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if max_norm > 0 and grads:
+        torch._foreach_mul_(grads, (max_norm / (total_norm + 1e-6)).clamp(max=1.0))

@@ -1,0 +1,79 @@
+"""The edp x ep process mesh.
+
+Rank layout: ``rank = edp_rank * ep + ep_rank``. Consecutive ranks form one expert-parallel (EP) group, so
+with ``ep <= GPUs per node`` the all-to-all stays inside a node. Ranks with the same ``ep_rank`` hold the
+same expert shard and form an expert-data-parallel (EDP) group. Dense parameters are replicated on all
+ranks (the world group).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from moe_dist.config import validate_layout
+
+
+@dataclass(frozen=True)
+class Mesh:
+    world_size: int
+    rank: int
+    ep: int
+    edp: int
+    ep_rank: int
+    edp_rank: int
+    world_group: dist.ProcessGroup | None  # None when world_size == 1
+    ep_group: dist.ProcessGroup | None  # None when ep == 1: no expert communication at all
+    edp_group: dist.ProcessGroup | None  # None when edp == 1
+
+    @property
+    def ep_ranks(self) -> list[int]:
+        return [self.edp_rank * self.ep + i for i in range(self.ep)]
+
+    def expert_shard(self, num_experts: int) -> tuple[int, int]:
+        """(first global expert, number of experts) held by this rank."""
+        num_local = num_experts // self.ep
+        return self.ep_rank * num_local, num_local
+
+
+def single_process_mesh() -> Mesh:
+    return Mesh(
+        world_size=1, rank=0, ep=1, edp=1, ep_rank=0, edp_rank=0, world_group=None, ep_group=None, edp_group=None
+    )
+
+
+def build_mesh(*, ep: int, num_experts: int = 0) -> Mesh:
+    """Builds the mesh over the default process group (or a one-rank mesh when there is none).
+
+    The layout is validated before any group is created, so a bad ``ep`` fails with a ValueError on every
+    rank instead of hanging in a collective.
+    """
+    if not dist.is_initialized():
+        validate_layout(world_size=1, ep=ep, num_experts=num_experts)
+        return single_process_mesh()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    validate_layout(world_size=world, ep=ep, num_experts=num_experts)
+    edp = world // ep
+    ep_rank, edp_rank = rank % ep, rank // ep
+    # new_group is collective over the world: every rank creates every group, in the same order.
+    ep_group = edp_group = None
+    for i in range(edp):
+        group = dist.new_group([i * ep + j for j in range(ep)])
+        if i == edp_rank:
+            ep_group = group
+    for j in range(ep):
+        group = dist.new_group([i * ep + j for i in range(edp)])
+        if j == ep_rank:
+            edp_group = group
+    return Mesh(
+        world_size=world,
+        rank=rank,
+        ep=ep,
+        edp=edp,
+        ep_rank=ep_rank,
+        edp_rank=edp_rank,
+        world_group=dist.group.WORLD if world > 1 else None,
+        ep_group=ep_group if ep > 1 else None,
+        edp_group=edp_group if edp > 1 else None,
+    )
