@@ -131,7 +131,10 @@ def validate_moe(moe: MoEConfig, *, dim: int | None = None, ep: int = 1, prefix:
     _require(moe.num_shared_experts >= 0, f"{p}.num_shared_experts", moe.num_shared_experts, "must be >= 0")
     _require(moe.router in ROUTERS, f"{p}.router", moe.router, f"must be one of {ROUTERS}")
     _require(
-        moe.grouped_mm in GROUPED_MM_MODES, f"{p}.grouped_mm", moe.grouped_mm, f"must be one of {GROUPED_MM_MODES}"
+        moe.grouped_mm in GROUPED_MM_MODES,
+        f"{p}.grouped_mm",
+        moe.grouped_mm,
+        f"must be one of {GROUPED_MM_MODES}",
     )
     _require(moe.every_n_layers >= 1, f"{p}.every_n_layers", moe.every_n_layers, "must be >= 1")
     _require(moe.aux_loss_coef >= 0, f"{p}.aux_loss_coef", moe.aux_loss_coef, "must be >= 0")
@@ -194,7 +197,10 @@ def validate(cfg: Config, *, world_size: int) -> None:
     _require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
     validate_moe(m.moe, dim=m.dim, ep=cfg.parallel.ep)
     _require(
-        cfg.parallel.backend in BACKENDS, "parallel.backend", cfg.parallel.backend, f"must be one of {BACKENDS}"
+        cfg.parallel.backend in BACKENDS,
+        "parallel.backend",
+        cfg.parallel.backend,
+        f"must be one of {BACKENDS}",
     )
     _require(cfg.parallel.timeout_s > 0, "parallel.timeout_s", cfg.parallel.timeout_s, "must be > 0")
     validate_layout(world_size=world_size, ep=cfg.parallel.ep, num_experts=m.moe.num_experts)

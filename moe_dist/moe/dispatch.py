@@ -143,7 +143,9 @@ class TokenDispatcher:
         if L > 1:
             R = x_RD.shape[0]
             src_starts_PL = exclusive_cumsum(recv_counts_PL).view(P, L)
-            to_expert_major = segment_index(src_starts_PL.t().reshape(-1), recv_counts_PL.view(P, L).t().reshape(-1), R)
+            to_expert_major = segment_index(
+                src_starts_PL.t().reshape(-1), recv_counts_PL.view(P, L).t().reshape(-1), R
+            )
             state.to_src_major_R = torch.empty_like(to_expert_major)
             state.to_src_major_R[to_expert_major] = torch.arange(R, device=x_RD.device)
             x_RD = x_RD[to_expert_major]
@@ -154,6 +156,8 @@ class TokenDispatcher:
         if state.to_src_major_R is not None:
             y_RD = y_RD[state.to_src_major_R]
         if self.group is not None:
-            y_RD = all_to_all(y_RD, out_splits=state.send_splits, in_splits=state.recv_splits, group=self.group)
+            y_RD = all_to_all(
+                y_RD, out_splits=state.send_splits, in_splits=state.recv_splits, group=self.group
+            )
         out_TD = y_RD.new_zeros((state.num_tokens, y_RD.shape[-1]), dtype=torch.float32)
         return out_TD.index_add(0, state.token_idx_M, y_RD.float() * state.weights_M.unsqueeze(-1))

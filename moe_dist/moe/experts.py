@@ -59,7 +59,11 @@ class GroupedExperts(nn.Module):
         tokens_per_expert_L: torch.Tensor,
         tokens_per_expert_host: list[int] | None = None,
     ) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype(x_RD.device.type) if torch.is_autocast_enabled(x_RD.device.type) else None
+        dtype = (
+            torch.get_autocast_dtype(x_RD.device.type)
+            if torch.is_autocast_enabled(x_RD.device.type)
+            else None
+        )
         dtype = dtype or self.w_gate_up.dtype
         x_RD, w_gate_up, w_down = x_RD.to(dtype), self.w_gate_up.to(dtype), self.w_down.to(dtype)
         if self.uses_grouped_mm(dtype):

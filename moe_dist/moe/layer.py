@@ -75,7 +75,11 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.router(x_TD)
         d = self.dispatcher.dispatch(
-            x_TD, routing.expert_ids_TK, routing.weights_TK, routing.counts_E, capacity=self.capacity(len(x_TD))
+            x_TD,
+            routing.expert_ids_TK,
+            routing.weights_TK,
+            routing.counts_E,
+            capacity=self.capacity(len(x_TD)),
         )
         y_RD = self.experts(d.x_RD, d.tokens_per_expert_L, d.tokens_per_expert_host)
         y_TD = self.dispatcher.combine(y_RD, d.state)

@@ -91,7 +91,9 @@ class Router(nn.Module):
         scale = self.dp_size / global_tokens.clamp_min(1)
         aux_loss = zero
         if self.aux_loss_coef > 0:
-            probs_TE = scores_TE if self.score_fn == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
+            probs_TE = (
+                scores_TE if self.score_fn == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
+            )
             frac_E = global_counts_E / (global_tokens * self.top_k).clamp_min(1)
             aux_loss = self.num_experts * scale * (frac_E * probs_TE.sum(dim=0)).sum()
         z_loss = zero

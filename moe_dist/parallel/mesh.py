@@ -39,7 +39,15 @@ class Mesh:
 
 def single_process_mesh() -> Mesh:
     return Mesh(
-        world_size=1, rank=0, ep=1, edp=1, ep_rank=0, edp_rank=0, world_group=None, ep_group=None, edp_group=None
+        world_size=1,
+        rank=0,
+        ep=1,
+        edp=1,
+        ep_rank=0,
+        edp_rank=0,
+        world_group=None,
+        ep_group=None,
+        edp_group=None,
     )
 
 
