@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from moe_dist.config import validate_layout
 
@@ -26,6 +27,7 @@ class Mesh:
     world_group: dist.ProcessGroup | None  # None when world_size == 1
     ep_group: dist.ProcessGroup | None  # None when ep == 1: no expert communication at all
     edp_group: dist.ProcessGroup | None  # None when edp == 1
+    device_mesh: DeviceMesh | None = None  # the same (edp, ep) layout for DTensor / checkpoints
 
     @property
     def ep_ranks(self) -> list[int]:
@@ -55,7 +57,8 @@ def build_mesh(*, ep: int, num_experts: int = 0) -> Mesh:
     """Builds the mesh over the default process group (or a one-rank mesh when there is none).
 
     The layout is validated before any group is created, so a bad ``ep`` fails with a ValueError on every
-    rank instead of hanging in a collective.
+    rank instead of hanging in a collective. The groups come from one torch DeviceMesh of shape (edp, ep),
+    whose row-major rank order is the layout above.
     """
     if not dist.is_initialized():
         validate_layout(world_size=1, ep=ep, num_experts=num_experts)
@@ -63,25 +66,17 @@ def build_mesh(*, ep: int, num_experts: int = 0) -> Mesh:
     world, rank = dist.get_world_size(), dist.get_rank()
     validate_layout(world_size=world, ep=ep, num_experts=num_experts)
     edp = world // ep
-    ep_rank, edp_rank = rank % ep, rank // ep
-    # new_group is collective over the world: every rank creates every group, in the same order.
-    ep_group = edp_group = None
-    for i in range(edp):
-        group = dist.new_group([i * ep + j for j in range(ep)])
-        if i == edp_rank:
-            ep_group = group
-    for j in range(ep):
-        group = dist.new_group([i * ep + j for i in range(edp)])
-        if j == ep_rank:
-            edp_group = group
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    device_mesh = init_device_mesh(device_type, (edp, ep), mesh_dim_names=("edp", "ep"))
     return Mesh(
         world_size=world,
         rank=rank,
         ep=ep,
         edp=edp,
-        ep_rank=ep_rank,
-        edp_rank=edp_rank,
-        world_group=dist.group.WORLD if world > 1 else None,
-        ep_group=ep_group if ep > 1 else None,
-        edp_group=edp_group if edp > 1 else None,
+        ep_rank=rank % ep,
+        edp_rank=rank // ep,
+        world_group=dist.group.WORLD,
+        ep_group=device_mesh.get_group("ep") if ep > 1 else None,
+        edp_group=device_mesh.get_group("edp") if edp > 1 else None,
+        device_mesh=device_mesh,
     )

@@ -1,0 +1,149 @@
+"""Decoder-only MoE transformer, written as single-device code.
+
+Legend: B batch, S sequence, D model dim, H heads, Dh head dim, V vocab.
+Parallelism is applied afterwards by ``moe_dist.parallel.apply.parallelize_moe``; weights are initialised
+by ``init_weights(seed)`` from one generator per parameter (and per *global* expert), so every world size
+and EP degree starts from the same global weights.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_dist.config import ModelConfig
+from moe_dist.moe.experts import GroupedExperts
+from moe_dist.moe.layer import MoELayer, SwiGLU
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [S, Dh] in the rotate-half layout (the first and second half of a head form the pairs)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BHSDh.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x_BHSDh.float() * cos_SDh + rotated.float() * sin_SDh).type_as(x_BHSDh)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+
+        def heads(t):
+            return t.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.wq(x_BSD)), heads(self.wk(x_BSD)), heads(self.wv(x_BSD))
+        q, k = apply_rope(q, cos[:S], sin[:S]), apply_rope(k, cos[:S], sin[:S])
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, use_moe: bool):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn = MoELayer(cfg.dim, cfg.moe) if use_moe else SwiGLU(cfg.dim, cfg.ffn_hidden)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(
+            Block(cfg, use_moe=cfg.moe.num_experts > 0 and i % cfg.moe.every_n_layers == 0)
+            for i in range(cfg.n_layers)
+        )
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        """Returns logits [B, S, V]."""
+        h = self.tok_embeddings(tokens_BS)
+        for layer in self.layers:
+            h = layer(h, self.rope_cos, self.rope_sin)
+        return self.output(self.norm(h))
+
+    def moe_layers(self) -> Iterator[MoELayer]:
+        return (layer.ffn for layer in self.layers if isinstance(layer.ffn, MoELayer))
+
+    def moe_loss(self) -> torch.Tensor:
+        """Weighted aux + z losses of the last forward, summed over MoE layers."""
+        losses = [m.stats.weighted_loss(m.cfg) for m in self.moe_layers()]
+        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.output.weight.device)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic in ``seed`` alone: one generator per parameter name, and per global expert."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual-branch outputs (GPT-2 scaling)
+        expert_params = {}
+        for mod_name, mod in self.named_modules():
+            if isinstance(mod, GroupedExperts):
+                expert_params[f"{mod_name}.w_gate_up"] = (mod, std)
+                expert_params[f"{mod_name}.w_down"] = (mod, out_std)
+        for name, p in self.named_parameters():
+            if name in expert_params:
+                mod, p_std = expert_params[name]
+                for i in range(p.shape[0]):  # global expert id → generator: same weights at any EP degree
+                    _fill_normal(p[i], p_std, seed, f"{name}[{mod.expert_offset + i}]")
+            elif name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("noise_weight"):
+                p.zero_()
+            else:
+                is_out = name.endswith(("wo.weight", "w_down.weight"))
+                _fill_normal(p, out_std if is_out else std, seed, name)
+        for m in self.moe_layers():
+            m.router.expert_bias.zero_()
+        cos, sin = rope_tables(self.cfg.seq_len, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+
+def _fill_normal(t: torch.Tensor, std: float, seed: int, key: str) -> None:
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (1 << 62))
+    t.copy_(torch.randn(t.shape, generator=gen) * std)
+
+
+def count_parameters(model: Transformer) -> dict[str, int]:
+    """Global parameter counts: total, and active per token (top_k of the routed experts)."""
+    cfg = model.cfg
+    total = active = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        if ".experts." in name:
+            per_expert = n // p.shape[0]
+            total += per_expert * cfg.moe.num_experts
+            active += per_expert * cfg.moe.top_k
+        else:
+            total += n
+            active += n
+    return {"total": total, "active": active}

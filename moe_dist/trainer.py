@@ -1,0 +1,239 @@
+"""The training loop, top to bottom: set-up, steps (accumulate → sync → clip → step), eval, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from moe_dist.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moe_dist.config import Config, validate
+from moe_dist.data import TokenSplits, load_tokens, rank_batch
+from moe_dist.distributed import env_world_size, init_distributed
+from moe_dist.metrics import MetricsLogger
+from moe_dist.model.transformer import Transformer, count_parameters
+from moe_dist.optim import build_optimizer, lr_at, set_lr
+from moe_dist.parallel.apply import clip_gradients_, global_grad_norm, parallelize_moe, sync_gradients
+from moe_dist.parallel.mesh import Mesh, build_mesh
+
+EVAL_SEED_OFFSET = 7_919  # eval batches come from (seed + offset, i): never the training draws
+
+
+def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> Transformer:
+    """Single-device model on the meta device → sharded by the mesh → materialised → seeded init."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    parallelize_moe(model, mesh)
+    model.to_empty(device=device)
+    model.init_weights(cfg.trainer.seed)
+    return model
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    want = cfg.trainer.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def agree_on(value: str, mesh: Mesh) -> str:
+    """Rank 0's value on every rank (run directories from Hydra can differ by a clock tick)."""
+    if mesh.world_group is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class StepStats:
+    """Device-side sums over the micro-batches of one step; one all-reduce and one host copy when read."""
+
+    def __init__(self, model: Transformer, device: torch.device):
+        self.num_layers = sum(1 for _ in model.moe_layers())
+        self.num_experts = model.cfg.moe.num_experts
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        # [ce, aux, z, dropped, copies, micro-batches] then counts [layers x experts]
+        self.scalars = torch.zeros(6, dtype=torch.float64, device=self.device)
+        self.counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64, device=self.device)
+
+    def add(self, ce: torch.Tensor, model: Transformer) -> None:
+        layers = list(model.moe_layers())
+        aux = sum((m.stats.aux_loss.detach() for m in layers), torch.zeros((), device=self.device))
+        z = sum((m.stats.z_loss.detach() for m in layers), torch.zeros((), device=self.device))
+        dropped = sum(m.stats.num_dropped for m in layers)
+        copies = sum(m.stats.num_copies for m in layers)
+        self.scalars += torch.stack(
+            [ce.detach().double(), aux.double(), z.double(), *ce.new_tensor([dropped, copies, 1]).double()]
+        )
+        for i, m in enumerate(layers):
+            self.counts[i] += m.stats.counts_E
+        return None
+
+    def all_reduce(self, mesh: Mesh) -> None:
+        if mesh.world_group is not None:
+            flat = torch.cat([self.scalars, self.counts.reshape(-1)])
+            dist.all_reduce(flat, group=mesh.world_group)
+            self.scalars, self.counts = flat[:6], flat[6:].view_as(self.counts)
+
+    def record(self, mesh: Mesh) -> dict:
+        ce, aux, z, dropped, copies, micro = self.scalars.tolist()
+        load = self.counts / self.counts.sum(dim=1, keepdim=True).clamp_min(1)
+        return {
+            "loss": ce / micro,  # micro counts micro-batches over all ranks: the global-batch mean
+            "aux_loss": aux / micro / max(1, self.num_layers),
+            "z_loss": z / micro / max(1, self.num_layers),
+            "dropped_frac": dropped / copies if copies else 0.0,
+            "expert_load": load.tolist(),
+        }
+
+
+def lm_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = model(inputs)
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, data: TokenSplits, cfg: Config, mesh: Mesh, device, autocast) -> float:
+    model.eval()
+    t, total = cfg.trainer, torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(t.eval_batches):
+        inputs, targets = rank_batch(
+            data.val,
+            seed=t.seed + EVAL_SEED_OFFSET,
+            step=i,
+            global_batch_size=t.global_batch_size,
+            seq_len=cfg.model.seq_len,
+            rank=mesh.rank,
+            world_size=mesh.world_size,
+        )
+        for mb_in, mb_tg in zip(inputs.split(t.micro_batch_size), targets.split(t.micro_batch_size)):
+            with autocast:
+                total += torch.stack(
+                    [lm_loss(model, mb_in.to(device), mb_tg.to(device)).double(), total.new_ones(())]
+                )
+    if mesh.world_group is not None:
+        dist.all_reduce(total, group=mesh.world_group)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def train(cfg: Config, *, default_out_dir: str) -> Path:
+    """Runs (or resumes) training; returns the run directory. Every rank calls it."""
+    world_size = env_world_size()
+    validate(cfg, world_size=world_size)  # user errors surface here, before any collective or file write
+    t, mcfg = cfg.trainer, cfg.model
+    data = load_tokens(cfg.data, vocab_size=mcfg.vocab_size, seq_len=mcfg.seq_len)
+    device = resolve_device(cfg)
+    backend = (
+        cfg.parallel.backend
+        if cfg.parallel.backend != "auto"
+        else ("nccl" if device.type == "cuda" else "gloo")
+    )
+    device = init_distributed(backend=backend, timeout_s=cfg.parallel.timeout_s)
+    mesh = build_mesh(ep=cfg.parallel.ep, num_experts=mcfg.moe.num_experts)
+    out_dir = Path(agree_on(str(t.out_dir or default_out_dir), mesh))
+    is_main = mesh.rank == 0
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    model = build_model(cfg, mesh, device)
+    optimizer = build_optimizer(model, t)
+    model_cfg = dataclasses.asdict(mcfg)
+    start_step = 0
+    resume_from = (
+        None if t.resume == "none" else (latest_checkpoint(out_dir) if t.resume == "auto" else t.resume)
+    )
+    if resume_from is not None:
+        meta = load_checkpoint(resume_from, model=model, optimizer=optimizer, mesh=mesh, model_cfg=model_cfg)
+        start_step = meta["step"]
+    if mesh.world_group is not None:
+        dist.barrier()  # rank 0 created out_dir; nobody writes before that
+
+    logger = MetricsLogger(
+        out_dir, enabled=is_main, wandb_cfg=cfg.logging.wandb, run_config=dataclasses.asdict(cfg)
+    )
+    params = count_parameters(model)
+    logger.console(
+        f"moe_dist: world={mesh.world_size} ep={mesh.ep} edp={mesh.edp} device={device} | "
+        f"params {params['total'] / 1e6:.2f}M total, {params['active'] / 1e6:.2f}M active | {data.description} | "
+        f"run dir {out_dir}" + (f" | resumed from {resume_from} at step {start_step}" if resume_from else "")
+    )
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    accum_steps = t.global_batch_size // (mesh.world_size * t.micro_batch_size)
+    tokens_per_step = t.global_batch_size * mcfg.seq_len
+    stats = StepStats(model, device)
+    bar = tqdm(total=t.max_steps, initial=start_step, disable=not (is_main and t.progress_bar), leave=False)
+    window_start, window_steps, last_load = time.perf_counter(), 0, []
+    for step in range(start_step + 1, t.max_steps + 1):
+        set_lr(optimizer, lr_at(step, t))
+        # Stateless RNG (noisy gating): a function of (seed, step, rank), so resuming needs no RNG state.
+        torch.manual_seed(t.seed * 1_000_003 + step * 65_537 + mesh.rank)
+        inputs, targets = rank_batch(
+            data.train,
+            seed=t.seed,
+            step=step,
+            global_batch_size=t.global_batch_size,
+            seq_len=mcfg.seq_len,
+            rank=mesh.rank,
+            world_size=mesh.world_size,
+        )
+        for mb_in, mb_tg in zip(inputs.split(t.micro_batch_size), targets.split(t.micro_batch_size)):
+            with autocast:
+                ce = lm_loss(model, mb_in.to(device, non_blocking=True), mb_tg.to(device, non_blocking=True))
+                loss = (ce + model.moe_loss()) / accum_steps
+            loss.backward()
+            stats.add(ce, model)
+        sync_gradients(model, mesh)
+        grad_norm = global_grad_norm(model, mesh)
+        clip_gradients_(model, max_norm=t.grad_clip, total_norm=grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats.all_reduce(mesh)  # global expert counts: the same on every rank
+        for layer, counts_E in zip(model.moe_layers(), stats.counts):
+            layer.router.update_bias(counts_E)
+        window_steps += 1
+        bar.update(1)
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            elapsed = time.perf_counter() - window_start
+            record = {"step": step, **stats.record(mesh), "lr": lr_at(step, t), "grad_norm": grad_norm.item()}
+            record["tokens_per_s"] = tokens_per_step * window_steps / elapsed
+            logger.log(record)
+            logger.console(
+                f"step {step:>6} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                f"grad_norm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:,.0f} | "
+                f"aux {record['aux_loss']:.4f} | dropped {record['dropped_frac']:.3f} | "
+                f"max load {max((max(r) for r in record['expert_load']), default=0):.3f}"
+            )
+            window_start, window_steps = time.perf_counter(), 0
+            last_load = record["expert_load"]
+        stats.reset()
+
+        if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+            val_loss = evaluate(model, data, cfg, mesh, device, autocast)
+            logger.log({"step": step, "val_loss": val_loss})
+            logger.console(f"step {step:>6} | val_loss {val_loss:.4f}")
+            logger.log_expert_heatmap(step, last_load)
+        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
+            path = save_checkpoint(
+                out_dir,
+                step=step,
+                model=model,
+                optimizer=optimizer,
+                mesh=mesh,
+                meta={"model": model_cfg, "seed": t.seed, "data": data.description},
+                keep=t.keep_checkpoints,
+            )
+            logger.console(f"step {step:>6} | checkpoint {path}")
+    bar.close()
+    logger.close()
+    return out_dir
