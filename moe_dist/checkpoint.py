@@ -50,14 +50,16 @@ class _MetadataUnpickler(pickle.Unpickler):
     """DCP stores its index with pickle; only DCP's own metadata classes and torch scalars may appear."""
 
     _ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata",)
-    _ALLOWED = {
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-        ("torch.serialization", "_get_layout"),
-        ("torch", "Size"),
-        ("pathlib", "PosixPath"),
-        ("pathlib", "WindowsPath"),
-        ("collections", "OrderedDict"),
-    }
+    _ALLOWED = frozenset(
+        {
+            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+            ("torch.serialization", "_get_layout"),
+            ("torch", "Size"),
+            ("pathlib", "PosixPath"),
+            ("pathlib", "WindowsPath"),
+            ("collections", "OrderedDict"),
+        }
+    )
 
     def find_class(self, module: str, name: str):
         if module in self._ALLOWED_MODULES or (module, name) in self._ALLOWED:

@@ -21,7 +21,7 @@ class MetricsLogger:
         self.wandb = None
         if not enabled:
             return
-        self.file = open(self.path, "a")  # append: a resumed run continues the same file
+        self.file = open(self.path, "a")  # noqa: SIM115 (kept open for the run; append: a resume continues it)
         if wandb_cfg is not None and wandb_cfg.mode != "disabled":
             import wandb
 
