@@ -63,7 +63,8 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 200
+    max_steps: int = 200  # optimizer steps; also the length of the cosine schedule
+    stop_at_step: int | None = None  # end early (with a checkpoint) as a preemption would; schedule unchanged
     global_batch_size: int = 16  # sequences per optimizer step over all ranks
     micro_batch_size: int = 8  # sequences per rank per forward; accumulation fills the rest
     lr: float = 3e-3
@@ -212,6 +213,13 @@ def validate(cfg: Config, *, world_size: int) -> None:
     _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
 
     _require(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
+    if t.stop_at_step is not None:
+        _require(
+            1 <= t.stop_at_step <= t.max_steps,
+            "trainer.stop_at_step",
+            t.stop_at_step,
+            "must be in [1, max_steps]",
+        )
     _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size, "must be >= 1")
     _require(
         t.global_batch_size >= 1 and t.global_batch_size % (world_size * t.micro_batch_size) == 0,

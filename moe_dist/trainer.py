@@ -173,7 +173,8 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
     stats = StepStats(model, device)
     bar = tqdm(total=t.max_steps, initial=start_step, disable=not (is_main and t.progress_bar), leave=False)
     window_start, window_steps, last_load = time.perf_counter(), 0, []
-    for step in range(start_step + 1, t.max_steps + 1):
+    last_step = t.stop_at_step or t.max_steps
+    for step in range(start_step + 1, last_step + 1):
         set_lr(optimizer, lr_at(step, t))
         # Stateless RNG (noisy gating): a function of (seed, step, rank), so resuming needs no RNG state.
         torch.manual_seed(t.seed * 1_000_003 + step * 65_537 + mesh.rank)
@@ -203,7 +204,7 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
         window_steps += 1
         bar.update(1)
 
-        if step % t.log_every == 0 or step == t.max_steps:
+        if step % t.log_every == 0 or step == last_step:
             elapsed = time.perf_counter() - window_start
             record = {"step": step, **stats.record(mesh), "lr": lr_at(step, t), "grad_norm": grad_norm.item()}
             record["tokens_per_s"] = tokens_per_step * window_steps / elapsed
@@ -218,12 +219,12 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
             last_load = record["expert_load"]
         stats.reset()
 
-        if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+        if t.eval_every and (step % t.eval_every == 0 or step == last_step):
             val_loss = evaluate(model, data, cfg, mesh, device, autocast)
             logger.log({"step": step, "val_loss": val_loss})
             logger.console(f"step {step:>6} | val_loss {val_loss:.4f}")
             logger.log_expert_heatmap(step, last_load)
-        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
+        if (t.ckpt_every and step % t.ckpt_every == 0) or step == last_step:
             path = save_checkpoint(
                 out_dir,
                 step=step,
