@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from moe_dist.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -143,6 +144,7 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
     is_main = mesh.rank == 0
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
     model = build_model(cfg, mesh, device)
     optimizer = build_optimizer(model, t)
