@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-ROUTERS = ("softmax", "sigmoid")
+ROUTERS = ("softmax", "sigmoid", "soft")
 BACKENDS = ("auto", "nccl", "gloo")
 DATASETS = ("stdlib", "text", "tokens")
 WANDB_MODES = ("disabled", "offline", "online")
@@ -22,7 +22,8 @@ class MoEConfig:
     top_k: int = 2  # experts chosen per token
     expert_hidden: int = 256  # hidden width F of each SwiGLU expert
     capacity_factor: float | None = None  # None = dropless; else capacity = ceil(cf * T * k / E) per rank
-    router: str = "softmax"  # "softmax" (GShard/Mixtral) or "sigmoid" (DeepSeek-V3, aux-loss-free bias)
+    router: str = "softmax"  # "softmax" (GShard/Mixtral), "sigmoid" (DeepSeek-V3) or "soft" (dense mixture)
+    temperature: float = 1.0  # "soft" router: every expert weighted by softmax(logits / temperature)
     norm_topk: bool = True  # renormalise the k selected gate weights to sum to 1 (Mixtral)
     aux_loss_coef: float = 0.01  # Switch load-balancing loss weight (global-batch statistics)
     z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE)
@@ -137,6 +138,7 @@ def validate_moe(moe: MoEConfig, *, dim: int | None = None, ep: int = 1, prefix:
         moe.grouped_mm,
         f"must be one of {GROUPED_MM_MODES}",
     )
+    _require(moe.temperature > 0, f"{p}.temperature", moe.temperature, "must be > 0")
     _require(moe.every_n_layers >= 1, f"{p}.every_n_layers", moe.every_n_layers, "must be >= 1")
     _require(moe.aux_loss_coef >= 0, f"{p}.aux_loss_coef", moe.aux_loss_coef, "must be >= 0")
     _require(moe.z_loss_coef >= 0, f"{p}.z_loss_coef", moe.z_loss_coef, "must be >= 0")

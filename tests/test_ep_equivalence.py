@@ -47,6 +47,7 @@ WORLD2 = [
     Case("ep2_top2_loop", ep=2, grouped_mm="off"),
     Case("ep2_softmax_before_topk", ep=2, norm_topk=False),
     Case("ep2_sigmoid", ep=2, router="sigmoid"),
+    Case("ep2_soft_mixture", ep=2, router="soft"),
     Case("ep2_all_to_one_expert", ep=2, top_k=1, force="one_expert"),
     Case("ep2_all_to_one_expert_top2", ep=2, force="one_expert"),
     Case("ep2_zero_token_expert", ep=2, force="zero_expert"),

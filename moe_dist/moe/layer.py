@@ -69,7 +69,7 @@ class MoELayer(nn.Module):
         """Per-expert capacity on this rank (GShard / Switch convention), None when dropless."""
         if self.cfg.capacity_factor is None:
             return None
-        return math.ceil(self.cfg.capacity_factor * num_tokens * self.cfg.top_k / self.cfg.num_experts)
+        return math.ceil(self.cfg.capacity_factor * num_tokens * self.router.top_k / self.cfg.num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_TD = x.reshape(-1, x.shape[-1])

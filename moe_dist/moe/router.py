@@ -31,11 +31,15 @@ class Router(nn.Module):
     weights are renormalised, which equals a softmax over the K chosen logits (Mixtral).
     ``sigmoid``: independent affinities (DeepSeek-V3); a per-expert bias that is not a parameter shifts the
     *selection* only, and is moved after each step from global expert counts (aux-loss-free balancing).
+    ``soft``: the dense soft mixture of Jacobs et al. (1991): every expert, weighted by
+    softmax(logits / temperature); ``top_k`` is ignored (K = E).
     """
 
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
-        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.num_experts if cfg.router == "soft" else cfg.top_k
+        self.temperature = cfg.temperature
         self.score_fn, self.norm_topk = cfg.router, cfg.norm_topk
         self.aux_loss_coef, self.z_loss_coef = cfg.aux_loss_coef, cfg.z_loss_coef
         self.bias_update_rate = cfg.bias_update_rate
@@ -54,15 +58,20 @@ class Router(nn.Module):
         if self.noise_weight is not None and self.training:
             noise_std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float()))
             logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
-        if self.score_fn == "softmax":
-            scores_TE = logits_TE.softmax(dim=-1)
-            select_TE = scores_TE
+        if self.score_fn == "soft":
+            scores_TE = (logits_TE / self.temperature).softmax(dim=-1)
+            expert_ids_TK = torch.arange(self.num_experts, device=x_TD.device).expand_as(scores_TE)
+            weights_TK = scores_TE
         else:
-            scores_TE = logits_TE.sigmoid()
-            select_TE = scores_TE + self.expert_bias
-        expert_ids_TK = select_TE.topk(self.top_k, dim=-1).indices
-        weights_TK = scores_TE.gather(-1, expert_ids_TK)
-        if self.norm_topk:
+            if self.score_fn == "softmax":
+                scores_TE = logits_TE.softmax(dim=-1)
+                select_TE = scores_TE
+            else:
+                scores_TE = logits_TE.sigmoid()
+                select_TE = scores_TE + self.expert_bias
+            expert_ids_TK = select_TE.topk(self.top_k, dim=-1).indices
+            weights_TK = scores_TE.gather(-1, expert_ids_TK)
+        if self.norm_topk and self.score_fn != "soft":
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
         T, E = logits_TE.shape
