@@ -9,6 +9,7 @@ without the rename are ignored. Loading never unpickles arbitrary objects (see `
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -101,6 +102,28 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def select_checkpoint(resume: str, out_dir: str | os.PathLike) -> tuple[str | None, list[str]]:
+    """The checkpoint to resume from (verified against its digests) and warnings about skipped ones.
+
+    ``auto``: the newest complete checkpoint in out_dir whose files are intact; a corrupted newer one is
+    skipped with a warning rather than loaded. An explicit path that fails verification is an error.
+    """
+    if resume == "none":
+        return None, []
+    if resume != "auto":
+        problem = verify(resume)
+        if problem:
+            raise ValueError(f"trainer.resume={resume!r}: {problem}")
+        return str(resume), []
+    warnings = []
+    for step, path in reversed(complete_checkpoints(out_dir)):
+        problem = verify(path)
+        if problem is None:
+            return str(path), warnings
+        warnings.append(f"warning: skipping checkpoint step {step} at {path}: {problem}")
+    return None, warnings
+
+
 def _expert_param_ids(model: nn.Module) -> set[int]:
     return {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
 
@@ -160,8 +183,9 @@ def save_checkpoint(
     dcp.save(_state_dict(model, optimizer, mesh), storage_writer=FileSystemWriter(tmp))
     _barrier()
     if mesh.rank == 0:
+        meta = {**meta, "step": step, "world_size": mesh.world_size, "ep": mesh.ep, "sha256": _digests(tmp)}
         with open(tmp / META_FILE, "w") as f:
-            json.dump({**meta, "step": step, "world_size": mesh.world_size, "ep": mesh.ep}, f, indent=2)
+            json.dump(meta, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
         if final.exists():  # re-saving a step (e.g. after a restart): replace the old copy
@@ -180,6 +204,36 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    out = {}
+    for file in sorted(directory.iterdir()):
+        if file.is_file() and file.name != META_FILE:
+            digest = hashlib.sha256()
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            out[file.name] = digest.hexdigest()
+    return out
+
+
+def verify(path: str | os.PathLike) -> str | None:
+    """None when every file matches the digest recorded at save time, else what is wrong."""
+    path = Path(path)
+    try:
+        recorded = read_meta(path).get("sha256")
+    except (ValueError, json.JSONDecodeError) as err:
+        return f"unreadable {META_FILE}: {err}"
+    if recorded is None:
+        return f"{META_FILE} has no file digests"
+    actual = _digests(path)
+    for name, digest in recorded.items():
+        if name not in actual:
+            return f"file {name} is missing"
+        if actual[name] != digest:
+            return f"file {name} does not match its sha256 digest (corrupted)"
+    return None
 
 
 def read_meta(path: str | os.PathLike) -> dict:

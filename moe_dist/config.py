@@ -6,6 +6,7 @@ before any process group is created or any file is written.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +53,7 @@ class ModelConfig:
 class ParallelConfig:
     ep: int = 1  # expert-parallel degree; world_size / ep ranks replicate each expert shard (EDP)
     backend: str = "auto"  # "auto" = nccl when CUDA is available, else gloo
-    timeout_s: float = 600.0  # process-group timeout: a collective stuck longer fails instead of hanging
+    timeout_s: float | None = None  # collective timeout; None = 600 s on NCCL, 300 s on gloo
 
 
 @dataclass
@@ -80,6 +81,8 @@ class TrainerConfig:
     eval_batches: int = 4
     ckpt_every: int = 100  # 0 disables periodic checkpoints; the last step is always saved
     keep_checkpoints: int = 3  # newest complete checkpoints kept
+    max_nonfinite_skips: int = 3  # steps with a non-finite gradient skipped before the run stops
+    collapse_warn_steps: int = 50  # warn when an expert gets no tokens this many steps in a row (0 = off)
     out_dir: str | None = None  # run directory; default: Hydra's output directory
     resume: str = "auto"  # "auto" (newest complete checkpoint in out_dir), "none", or a checkpoint path
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -205,7 +208,8 @@ def validate(cfg: Config, *, world_size: int) -> None:
         cfg.parallel.backend,
         f"must be one of {BACKENDS}",
     )
-    _require(cfg.parallel.timeout_s > 0, "parallel.timeout_s", cfg.parallel.timeout_s, "must be > 0")
+    timeout = cfg.parallel.timeout_s
+    _require(timeout is None or timeout > 0, "parallel.timeout_s", timeout, "must be > 0 (or null)")
     validate_layout(world_size=world_size, ep=cfg.parallel.ep, num_experts=m.moe.num_experts)
 
     d = cfg.data
@@ -239,6 +243,17 @@ def validate(cfg: Config, *, world_size: int) -> None:
     _require(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 disables)")
     _require(t.eval_batches >= 1, "trainer.eval_batches", t.eval_batches, "must be >= 1")
     _require(t.ckpt_every >= 0, "trainer.ckpt_every", t.ckpt_every, "must be >= 0 (0 disables)")
+    _require(t.max_nonfinite_skips >= 0, "trainer.max_nonfinite_skips", t.max_nonfinite_skips, "must be >= 0")
+    _require(t.collapse_warn_steps >= 0, "trainer.collapse_warn_steps", t.collapse_warn_steps, "must be >= 0")
+    if t.resume not in ("auto", "none"):
+        from moe_dist.checkpoint import META_FILE  # local: keeps config importable without torch
+
+        _require(
+            os.path.isfile(os.path.join(t.resume, META_FILE)),
+            "trainer.resume",
+            t.resume,
+            "must be auto, none, or a complete checkpoint directory (.../checkpoints/step_<N>)",
+        )
     _require(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
     _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "must be auto, cpu or cuda")
     _require(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 
 import torch
@@ -22,16 +23,26 @@ def resolve_backend(backend: str) -> str:
 
 
 def env_world_size() -> int:
-    """World size as launched (torchrun / srun set WORLD_SIZE), known before any process group exists."""
+    """World size as launched (torchrun sets WORLD_SIZE; plain srun does not), known before any process group."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(*, backend: str = "auto", timeout_s: float = 600.0) -> torch.device:
+DEFAULT_TIMEOUT_S = {"nccl": 600.0, "gloo": 300.0}
+
+
+def collective_timeout_s(backend: str, timeout_s: float | None) -> float:
+    return timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S[resolve_backend(backend)]
+
+
+def init_distributed(*, backend: str = "auto", timeout_s: float | None = None) -> torch.device:
     """Initialises the default process group when launched with several ranks; returns this rank's device.
 
     A world of 1 started without torchrun gets no process group at all: every collective is skipped.
+    A collective that waits longer than the timeout raises instead of hanging (NCCL: the watchdog aborts
+    the communicator; gloo: the wait times out).
     """
     backend = resolve_backend(backend)
+    timeout_s = collective_timeout_s(backend, timeout_s)
     world = env_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
@@ -58,3 +69,21 @@ def get_world_size() -> int:
 
 def is_main_process() -> bool:
     return get_rank() == 0
+
+
+def broadcast_json(value, *, device: torch.device | None = None):
+    """Rank 0's JSON-serialisable ``value`` on every rank (no pickle on the wire)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    device = device or (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    )
+    device = device or torch.device("cpu")
+    payload = json.dumps(value).encode() if dist.get_rank() == 0 else b""
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    if dist.get_rank() == 0:
+        buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(buffer, src=0)
+    return json.loads(bytes(buffer.cpu().tolist()).decode())

@@ -89,3 +89,17 @@ def _wandb_run_id(out_dir: Path) -> str:
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     with open(Path(run_dir) / METRICS_FILE) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(out_dir: Path, *, after_step: int) -> None:
+    """Drops records of steps > after_step (a resumed run redoes them), atomically."""
+    path = Path(out_dir) / METRICS_FILE
+    if not path.exists():
+        return
+    records = read_metrics(out_dir)
+    kept = [r for r in records if r.get("step", 0) <= after_step]
+    if len(kept) == len(records):
+        return
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)

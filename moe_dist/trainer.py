@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from moe_dist.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moe_dist.checkpoint import load_checkpoint, save_checkpoint, select_checkpoint
 from moe_dist.config import Config, validate
 from moe_dist.data import TokenSplits, load_tokens, rank_batch
-from moe_dist.distributed import env_world_size, init_distributed
-from moe_dist.metrics import MetricsLogger
+from moe_dist.distributed import broadcast_json, collective_timeout_s, env_world_size, init_distributed
+from moe_dist.guards import CollapseDetector, NonFiniteGuard, Watchdog
+from moe_dist.metrics import MetricsLogger, truncate_metrics
 from moe_dist.model.transformer import Transformer, count_parameters
+from moe_dist.moe.layer import MoELayer
 from moe_dist.optim import build_optimizer, lr_at, set_lr
 from moe_dist.parallel.apply import clip_gradients_, global_grad_norm, parallelize_moe, sync_gradients
 from moe_dist.parallel.mesh import Mesh, build_mesh
@@ -40,15 +42,6 @@ def resolve_device(cfg: Config) -> torch.device:
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def agree_on(value: str, mesh: Mesh) -> str:
-    """Rank 0's value on every rank (run directories from Hydra can differ by a clock tick)."""
-    if mesh.world_group is None:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class StepStats:
@@ -140,24 +133,34 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
     )
     device = init_distributed(backend=backend, timeout_s=cfg.parallel.timeout_s)
     mesh = build_mesh(ep=cfg.parallel.ep, num_experts=mcfg.moe.num_experts)
-    out_dir = Path(agree_on(str(t.out_dir or default_out_dir), mesh))
+    timeout_s = collective_timeout_s(backend, cfg.parallel.timeout_s)
+    watchdog = Watchdog(limit_s=timeout_s + max(10.0, 0.1 * timeout_s), rank=mesh.rank)
+    out_dir = Path(broadcast_json(str(t.out_dir or default_out_dir)))
     is_main = mesh.rank == 0
+    # Rank 0 picks (and verifies) the checkpoint; every rank gets the same answer or the same error.
+    choice = {"path": None, "warnings": [], "error": None}
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        try:
+            choice["path"], choice["warnings"] = select_checkpoint(t.resume, out_dir)
+        except ValueError as err:
+            choice["error"] = str(err)
+    choice = broadcast_json(choice)
+    if choice["error"]:
+        raise ValueError(choice["error"])
 
     model = build_model(cfg, mesh, device)
     optimizer = build_optimizer(model, t)
     model_cfg = dataclasses.asdict(mcfg)
     start_step = 0
-    resume_from = (
-        None if t.resume == "none" else (latest_checkpoint(out_dir) if t.resume == "auto" else t.resume)
-    )
-    if resume_from is not None:
-        meta = load_checkpoint(resume_from, model=model, optimizer=optimizer, mesh=mesh, model_cfg=model_cfg)
-        start_step = meta["step"]
-    if mesh.world_group is not None:
-        dist.barrier()  # rank 0 created out_dir; nobody writes before that
+    if choice["path"] is not None:
+        with watchdog.phase(0, f"loading checkpoint {choice['path']}"):
+            start_step = load_checkpoint(
+                choice["path"], model=model, optimizer=optimizer, mesh=mesh, model_cfg=model_cfg
+            )["step"]
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        truncate_metrics(out_dir, after_step=start_step)  # steps redone after a crash are logged once
 
     logger = MetricsLogger(
         out_dir, enabled=is_main, wandb_cfg=cfg.logging.wandb, run_config=dataclasses.asdict(cfg)
@@ -166,13 +169,21 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
     logger.console(
         f"moe_dist: world={mesh.world_size} ep={mesh.ep} edp={mesh.edp} device={device} | "
         f"params {params['total'] / 1e6:.2f}M total, {params['active'] / 1e6:.2f}M active | {data.description} | "
-        f"run dir {out_dir}" + (f" | resumed from {resume_from} at step {start_step}" if resume_from else "")
+        f"run dir {out_dir}"
+        + (f" | resumed from {choice['path']} at step {start_step}" if choice["path"] else "")
     )
+    for warning in choice["warnings"]:
+        logger.console(warning)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     accum_steps = t.global_batch_size // (mesh.world_size * t.micro_batch_size)
     tokens_per_step = t.global_batch_size * mcfg.seq_len
     stats = StepStats(model, device)
+    nonfinite = NonFiniteGuard(t.max_nonfinite_skips)
+    moe_names = [name for name, m in model.named_modules() if isinstance(m, MoELayer)]
+    collapse = CollapseDetector(
+        moe_names, mcfg.moe.num_experts, warn_after=t.collapse_warn_steps, device=device
+    )
     bar = tqdm(total=t.max_steps, initial=start_step, disable=not (is_main and t.progress_bar), leave=False)
     window_start, window_steps, last_load = time.perf_counter(), 0, []
     last_step = t.stop_at_step or t.max_steps
@@ -189,20 +200,33 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
             rank=mesh.rank,
             world_size=mesh.world_size,
         )
-        for mb_in, mb_tg in zip(inputs.split(t.micro_batch_size), targets.split(t.micro_batch_size)):
-            with autocast:
-                ce = lm_loss(model, mb_in.to(device, non_blocking=True), mb_tg.to(device, non_blocking=True))
-                loss = (ce + model.moe_loss()) / accum_steps
-            loss.backward()
-            stats.add(ce, model)
-        sync_gradients(model, mesh)
-        grad_norm = global_grad_norm(model, mesh)
-        clip_gradients_(model, max_norm=t.grad_clip, total_norm=grad_norm)
-        optimizer.step()
+        with watchdog.phase(
+            step, "forward/backward (MoE all-to-all dispatch and combine, router all-reduce)"
+        ):
+            for mb_in, mb_tg in zip(inputs.split(t.micro_batch_size), targets.split(t.micro_batch_size)):
+                with autocast:
+                    ce = lm_loss(
+                        model, mb_in.to(device, non_blocking=True), mb_tg.to(device, non_blocking=True)
+                    )
+                    loss = (ce + model.moe_loss()) / accum_steps
+                loss.backward()
+                stats.add(ce, model)
+        with watchdog.phase(step, "gradient all-reduce (dense over world, experts over EDP)"):
+            sync_gradients(model, mesh)
+            grad_norm = global_grad_norm(model, mesh)
+        skip_message = nonfinite.should_skip(step=step, grad_norm=grad_norm.item(), model=model)  # host sync
+        if skip_message is None:
+            clip_gradients_(model, max_norm=t.grad_clip, total_norm=grad_norm)
+            optimizer.step()
+        else:
+            logger.console(skip_message)
         optimizer.zero_grad(set_to_none=True)
-        stats.all_reduce(mesh)  # global expert counts: the same on every rank
-        for layer, counts_E in zip(model.moe_layers(), stats.counts):
-            layer.router.update_bias(counts_E)
+        with watchdog.phase(step, "expert-count all-reduce"):
+            stats.all_reduce(mesh)  # global expert counts: the same on every rank
+        if skip_message is None:
+            for layer, counts_E in zip(model.moe_layers(), stats.counts):
+                layer.router.update_bias(counts_E)
+            collapse.update(stats.counts)
         window_steps += 1
         bar.update(1)
 
@@ -210,6 +234,7 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
             elapsed = time.perf_counter() - window_start
             record = {"step": step, **stats.record(mesh), "lr": lr_at(step, t), "grad_norm": grad_norm.item()}
             record["tokens_per_s"] = tokens_per_step * window_steps / elapsed
+            record["skipped_steps"] = nonfinite.skipped
             logger.log(record)
             logger.console(
                 f"step {step:>6} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
@@ -217,25 +242,29 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
                 f"aux {record['aux_loss']:.4f} | dropped {record['dropped_frac']:.3f} | "
                 f"max load {max((max(r) for r in record['expert_load']), default=0):.3f}"
             )
+            for warning in collapse.new_warnings():
+                logger.console(warning)
             window_start, window_steps = time.perf_counter(), 0
             last_load = record["expert_load"]
         stats.reset()
 
         if t.eval_every and (step % t.eval_every == 0 or step == last_step):
-            val_loss = evaluate(model, data, cfg, mesh, device, autocast)
+            with watchdog.phase(step, "evaluation (forward all-to-all, loss all-reduce)"):
+                val_loss = evaluate(model, data, cfg, mesh, device, autocast)
             logger.log({"step": step, "val_loss": val_loss})
             logger.console(f"step {step:>6} | val_loss {val_loss:.4f}")
             logger.log_expert_heatmap(step, last_load)
         if (t.ckpt_every and step % t.ckpt_every == 0) or step == last_step:
-            path = save_checkpoint(
-                out_dir,
-                step=step,
-                model=model,
-                optimizer=optimizer,
-                mesh=mesh,
-                meta={"model": model_cfg, "seed": t.seed, "data": data.description},
-                keep=t.keep_checkpoints,
-            )
+            with watchdog.phase(step, "checkpoint save (barriers around the DCP write)"):
+                path = save_checkpoint(
+                    out_dir,
+                    step=step,
+                    model=model,
+                    optimizer=optimizer,
+                    mesh=mesh,
+                    meta={"model": model_cfg, "seed": t.seed, "data": data.description},
+                    keep=t.keep_checkpoints,
+                )
             logger.console(f"step {step:>6} | checkpoint {path}")
     bar.close()
     logger.close()
