@@ -135,25 +135,17 @@ def _global_view(t: torch.Tensor, *, is_expert: bool, mesh: Mesh) -> torch.Tenso
     return DTensor.from_local(t, mesh.device_mesh, [Replicate(), Shard(0)], run_check=False)
 
 
-def _state_dict(model: nn.Module, optimizer: torch.optim.Optimizer | None, mesh: Mesh) -> dict:
-    """Flat state whose tensors alias the live ones, so dcp.load restores in place."""
+def _state_dict(model: nn.Module, optimizer_slots: dict | None, mesh: Mesh) -> dict:
+    """Flat state whose tensors alias the live ones (model) or the engine's slots, so dcp.load fills them."""
     experts = _expert_param_ids(model)
     state: dict[str, Any] = {}
     for name, t in model.state_dict(keep_vars=True).items():
         state[f"model.{name}"] = _global_view(t.detach(), is_expert=id(t) in experts, mesh=mesh)
-    if optimizer is not None:
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            slots = optimizer.state[p]
-            if not slots:  # a fresh optimizer: create the slots so that loading has tensors to fill
-                slots.update(
-                    step=torch.zeros((), dtype=torch.float32),
-                    exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
-                    exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format),
-                )
+    if optimizer_slots is not None:
+        params = dict(model.named_parameters())
+        for name, slots in optimizer_slots.items():
             for key, value in slots.items():
-                is_expert = id(p) in experts and value.dim() > 0
+                is_expert = id(params[name]) in experts and value.dim() > 0
                 state[f"optim.{name}.{key}"] = _global_view(value, is_expert=is_expert, mesh=mesh)
     return state
 
@@ -168,7 +160,7 @@ def save_checkpoint(
     *,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer_slots: dict | None,
     mesh: Mesh,
     meta: dict,
     keep: int,
@@ -180,7 +172,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save of the same step
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(_state_dict(model, optimizer, mesh), storage_writer=FileSystemWriter(tmp))
+    dcp.save(_state_dict(model, optimizer_slots, mesh), storage_writer=FileSystemWriter(tmp))
     _barrier()
     if mesh.rank == 0:
         meta = {**meta, "step": step, "world_size": mesh.world_size, "ep": mesh.ep, "sha256": _digests(tmp)}
@@ -269,12 +261,13 @@ def load_checkpoint(
     path: str | os.PathLike,
     *,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer_slots: dict | None,
     mesh: Mesh,
     model_cfg: dict,
 ) -> dict:
-    """Collective. Restores model (and optimizer) in place from any (world, ep) layout; returns meta."""
+    """Collective. Restores the model, and fills ``optimizer_slots`` (as from ``engine.optimizer_slots()``),
+    in place from a checkpoint of any (world, ep) layout and either engine; returns meta."""
     meta = read_meta(path)
     check_compatible(meta["model"], model_cfg, path=path)
-    dcp.load(_state_dict(model, optimizer, mesh), storage_reader=SafeFileSystemReader(path))
+    dcp.load(_state_dict(model, optimizer_slots, mesh), storage_reader=SafeFileSystemReader(path))
     return meta

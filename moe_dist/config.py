@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+ENGINES = ("native", "deepspeed")
 ROUTERS = ("softmax", "sigmoid", "soft")
 BACKENDS = ("auto", "nccl", "gloo")
 DATASETS = ("stdlib", "text", "tokens")
@@ -54,6 +55,13 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel degree; world_size / ep ranks replicate each expert shard (EDP)
     backend: str = "auto"  # "auto" = nccl when CUDA is available, else gloo
     timeout_s: float | None = None  # collective timeout; None = 600 s on NCCL, 300 s on gloo
+
+
+@dataclass
+class EngineConfig:
+    name: str = "native"  # "native" (AdamW + moe_dist gradient sync) or "deepspeed" (ZeRO optimizer sharding)
+    zero_stage: int = 0  # deepspeed: 0, 1 (optimizer state sharded) or 2 (+ gradients sharded)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, passed through
 
 
 @dataclass
@@ -106,6 +114,7 @@ class LoggingConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -119,6 +128,7 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
+    cs.store(group="engine", name="engine_schema", node=EngineConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
     cs.store(group="logging", name="logging_schema", node=LoggingConfig)
@@ -158,11 +168,19 @@ def validate_moe(moe: MoEConfig, *, dim: int | None = None, ep: int = 1, prefix:
     _require(moe.expert_hidden >= 1, f"{p}.expert_hidden", moe.expert_hidden, "must be >= 1")
     if moe.capacity_factor is not None:
         _require(
-            moe.capacity_factor > 0,
+            0 < moe.capacity_factor < 1e6,
             f"{p}.capacity_factor",
             moe.capacity_factor,
-            "must be > 0 (or null for dropless routing)",
+            "must be in (0, 1e6): use null for dropless routing",
         )
+    _require(
+        not (moe.top_k == 1 and moe.norm_topk and moe.router != "soft"),
+        f"{p}.norm_topk",
+        moe.norm_topk,
+        "with top_k=1 every renormalised gate is 1 and the router learns from the aux loss only; "
+        "set norm_topk=false (Switch-style top-1)",
+    )
+    _require(ep >= 1, "parallel.ep", ep, "must be >= 1")
     _require(
         moe.num_experts % ep == 0,
         f"{p}.num_experts",
@@ -211,6 +229,16 @@ def validate(cfg: Config, *, world_size: int) -> None:
     timeout = cfg.parallel.timeout_s
     _require(timeout is None or timeout > 0, "parallel.timeout_s", timeout, "must be > 0 (or null)")
     validate_layout(world_size=world_size, ep=cfg.parallel.ep, num_experts=m.moe.num_experts)
+
+    e = cfg.engine
+    _require(e.name in ENGINES, "engine.name", e.name, f"must be one of {ENGINES}")
+    _require(e.zero_stage in (0, 1, 2), "engine.zero_stage", e.zero_stage, "must be 0, 1 or 2")
+    _require(
+        e.name == "deepspeed" or e.zero_stage == 0,
+        "engine.zero_stage",
+        e.zero_stage,
+        "needs engine.name=deepspeed (the native engine does not shard optimizer state)",
+    )
 
     d = cfg.data
     _require(d.name in DATASETS, "data.name", d.name, f"must be one of {DATASETS}")

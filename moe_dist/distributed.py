@@ -49,8 +49,16 @@ def init_distributed(*, backend: str = "auto", timeout_s: float | None = None) -
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun can hand a restarted worker group the store of the failed attempt; without a prefix per
+        # attempt, new ranks read the gloo/NCCL addresses the dead ranks published and hang connecting.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"moe_dist/attempt_{attempt}", store)
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        dist.init_process_group(
+            backend=backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs
+        )
     return device
 
 

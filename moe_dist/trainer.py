@@ -16,12 +16,13 @@ from moe_dist.checkpoint import load_checkpoint, save_checkpoint, select_checkpo
 from moe_dist.config import Config, validate
 from moe_dist.data import TokenSplits, load_tokens, rank_batch
 from moe_dist.distributed import broadcast_json, collective_timeout_s, env_world_size, init_distributed
+from moe_dist.engine import build_engine
 from moe_dist.guards import CollapseDetector, NonFiniteGuard, Watchdog
 from moe_dist.metrics import MetricsLogger, truncate_metrics
 from moe_dist.model.transformer import Transformer, count_parameters
 from moe_dist.moe.layer import MoELayer
-from moe_dist.optim import build_optimizer, lr_at, set_lr
-from moe_dist.parallel.apply import clip_gradients_, global_grad_norm, parallelize_moe, sync_gradients
+from moe_dist.optim import lr_at
+from moe_dist.parallel.apply import parallelize_moe
 from moe_dist.parallel.mesh import Mesh, build_mesh
 
 EVAL_SEED_OFFSET = 7_919  # eval batches come from (seed + offset, i): never the training draws
@@ -149,14 +150,17 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
         raise ValueError(choice["error"])
 
     model = build_model(cfg, mesh, device)
-    optimizer = build_optimizer(model, t)
+    engine = build_engine(model, engine=cfg.engine, trainer=t, mesh=mesh)
     model_cfg = dataclasses.asdict(mcfg)
     start_step = 0
     if choice["path"] is not None:
         with watchdog.phase(0, f"loading checkpoint {choice['path']}"):
-            start_step = load_checkpoint(
-                choice["path"], model=model, optimizer=optimizer, mesh=mesh, model_cfg=model_cfg
-            )["step"]
+            slots = engine.optimizer_slots()
+            meta = load_checkpoint(
+                choice["path"], model=model, optimizer_slots=slots, mesh=mesh, model_cfg=model_cfg
+            )
+            engine.load_optimizer_slots(slots)
+            start_step = meta["step"]
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -188,7 +192,7 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
     window_start, window_steps, last_load = time.perf_counter(), 0, []
     last_step = t.stop_at_step or t.max_steps
     for step in range(start_step + 1, last_step + 1):
-        set_lr(optimizer, lr_at(step, t))
+        engine.set_lr(lr_at(step, t))
         # Stateless RNG (noisy gating): a function of (seed, step, rank), so resuming needs no RNG state.
         torch.manual_seed(t.seed * 1_000_003 + step * 65_537 + mesh.rank)
         inputs, targets = rank_batch(
@@ -209,18 +213,16 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
                         model, mb_in.to(device, non_blocking=True), mb_tg.to(device, non_blocking=True)
                     )
                     loss = (ce + model.moe_loss()) / accum_steps
-                loss.backward()
+                engine.backward(loss)
                 stats.add(ce, model)
         with watchdog.phase(step, "gradient all-reduce (dense over world, experts over EDP)"):
-            sync_gradients(model, mesh)
-            grad_norm = global_grad_norm(model, mesh)
+            grad_norm = engine.reduce_gradients()
         skip_message = nonfinite.should_skip(step=step, grad_norm=grad_norm.item(), model=model)  # host sync
         if skip_message is None:
-            clip_gradients_(model, max_norm=t.grad_clip, total_norm=grad_norm)
-            optimizer.step()
+            engine.step(grad_norm, max_norm=t.grad_clip)
         else:
             logger.console(skip_message)
-        optimizer.zero_grad(set_to_none=True)
+        engine.zero_grad()
         with watchdog.phase(step, "expert-count all-reduce"):
             stats.all_reduce(mesh)  # global expert counts: the same on every rank
         if skip_message is None:
@@ -260,9 +262,14 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
                     out_dir,
                     step=step,
                     model=model,
-                    optimizer=optimizer,
+                    optimizer_slots=engine.optimizer_slots(),
                     mesh=mesh,
-                    meta={"model": model_cfg, "seed": t.seed, "data": data.description},
+                    meta={
+                        "model": model_cfg,
+                        "seed": t.seed,
+                        "data": data.description,
+                        "engine": cfg.engine.name,
+                    },
                     keep=t.keep_checkpoints,
                 )
             logger.console(f"step {step:>6} | checkpoint {path}")

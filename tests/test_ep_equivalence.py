@@ -76,7 +76,7 @@ def build_layer(case: Case) -> MoELayer:
         expert_hidden=HIDDEN,
         capacity_factor=case.capacity_factor,
         router=case.router,
-        norm_topk=case.norm_topk,
+        norm_topk=case.norm_topk and case.top_k > 1,  # top-1 is Switch-style: the raw probability
         aux_loss_coef=0.1,
         z_loss_coef=0.01,
         num_shared_experts=case.num_shared_experts,

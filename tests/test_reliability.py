@@ -20,6 +20,7 @@ import torch
 from training_runs import TINY, compose_config, run
 
 from moe_dist import checkpoint as ckpt
+from moe_dist.engine import NativeEngine
 from moe_dist.guards import CollapseDetector, NonFiniteError
 from moe_dist.metrics import read_metrics
 from moe_dist.parallel.mesh import single_process_mesh
@@ -68,7 +69,7 @@ def load_model(path: Path, overrides: list[str]):
     model = build_model(cfg, single_process_mesh(), torch.device("cpu"))
     import dataclasses
 
-    ckpt.load_checkpoint(path, model=model, optimizer=None, mesh=single_process_mesh(),
+    ckpt.load_checkpoint(path, model=model, optimizer_slots=None, mesh=single_process_mesh(),
                          model_cfg=dataclasses.asdict(cfg.model))  # fmt: skip
     return model
 
@@ -126,14 +127,15 @@ def test_dead_peer_without_restarts_fails_fast_naming_step_and_collective(tmp_pa
 def tiny_model(overrides: list[str] | None = None):
     cfg = compose_config(TINY + (overrides or []))
     model = build_model(cfg, single_process_mesh(), torch.device("cpu"))
-    optim = torch.optim.AdamW(model.parameters())
-    return cfg, model, optim
+    engine = NativeEngine(model, trainer=cfg.trainer, mesh=single_process_mesh())
+    return cfg, model, engine
 
 
-def save(out_dir: Path, step: int, model, optim, keep: int = 5) -> Path:
+def save(out_dir: Path, step: int, model, engine, keep: int = 5) -> Path:
     import dataclasses
 
-    return ckpt.save_checkpoint(out_dir, step=step, model=model, optimizer=optim, mesh=single_process_mesh(),
+    return ckpt.save_checkpoint(out_dir, step=step, model=model, optimizer_slots=engine.optimizer_slots(),
+                                mesh=single_process_mesh(),
                                 meta={"model": dataclasses.asdict(model.cfg)}, keep=keep)  # fmt: skip
 
 
@@ -172,7 +174,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
             p.zero_()
     import dataclasses
 
-    ckpt.load_checkpoint(path, model=loaded, optimizer=None, mesh=single_process_mesh(),
+    ckpt.load_checkpoint(path, model=loaded, optimizer_slots=None, mesh=single_process_mesh(),
                          model_cfg=dataclasses.asdict(loaded.cfg))  # fmt: skip
     for p, q in zip(fresh.parameters(), loaded.parameters()):
         assert torch.equal(p, q)

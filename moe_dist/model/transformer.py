@@ -1,6 +1,6 @@
 """Decoder-only MoE transformer, written as single-device code.
 
-Legend: B batch, S sequence, D model dim, H heads, Dh head dim, V vocab.
+Legend: B batch, S sequence, D model dim, H heads, Dh head dim, V vocab, C cache capacity (max positions).
 Parallelism is applied afterwards by ``moe_dist.parallel.apply.parallelize_moe``; weights are initialised
 by ``init_weights(seed)`` from one generator per parameter (and per *global* expert), so every world size
 and EP degree starts from the same global weights.
@@ -35,6 +35,36 @@ def apply_rope(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tens
     return (x_BHSDh.float() * cos_SDh + rotated.float() * sin_SDh).type_as(x_BHSDh)
 
 
+class LayerKVCache:
+    """Keys and values of one attention layer for the positions seen so far: [B, H, C, Dh] each."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.k_BHCDh: torch.Tensor | None = None
+        self.v_BHCDh: torch.Tensor | None = None
+
+    def update(
+        self, k_BHSDh: torch.Tensor, v_BHSDh: torch.Tensor, start_pos: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes positions [start_pos, start_pos + S); returns keys and values of positions [0, start_pos + S)."""
+        B, H, S, Dh = k_BHSDh.shape
+        end = start_pos + S
+        if self.k_BHCDh is None:
+            self.k_BHCDh = k_BHSDh.new_zeros((B, H, self.capacity, Dh))
+            self.v_BHCDh = v_BHSDh.new_zeros((B, H, self.capacity, Dh))
+        self.k_BHCDh[:, :, start_pos:end] = k_BHSDh
+        self.v_BHCDh[:, :, start_pos:end] = v_BHSDh
+        return self.k_BHCDh[:, :, :end], self.v_BHCDh[:, :, :end]
+
+
+class KVCache:
+    """Per-layer key/value caches for incremental decoding (``Transformer.forward(tokens, cache=...)``)."""
+
+    def __init__(self, num_layers: int, capacity: int):
+        self.capacity = capacity
+        self.layers = [LayerKVCache(capacity) for _ in range(num_layers)]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -44,15 +74,32 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerKVCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
         B, S, D = x_BSD.shape
 
         def heads(t):
             return t.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.wq(x_BSD)), heads(self.wk(x_BSD)), heads(self.wv(x_BSD))
-        q, k = apply_rope(q, cos[:S], sin[:S]), apply_rope(k, cos[:S], sin[:S])
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None:
+            q, k = apply_rope(q, cos[:S], sin[:S]), apply_rope(k, cos[:S], sin[:S])
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            cos, sin = cos[start_pos : start_pos + S], sin[start_pos : start_pos + S]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k, v = cache.update(k, v, start_pos)
+            mask = None
+            if S > 1:  # query i sits at position start_pos + i and sees keys up to there
+                query_pos = torch.arange(start_pos, start_pos + S, device=x_BSD.device)
+                mask = query_pos[:, None] >= torch.arange(start_pos + S, device=x_BSD.device)[None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(B, S, D))
 
 
@@ -64,8 +111,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = MoELayer(cfg.dim, cfg.moe) if use_moe else SwiGLU(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, cache: LayerKVCache | None = None, start_pos: int = 0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -84,12 +131,27 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        """Returns logits [B, S, V]."""
+    def forward(
+        self, tokens_BS: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
+        """Returns logits [B, S, V].
+
+        With ``cache`` (inference), ``tokens_BS`` sit at positions [start_pos, start_pos + S): their keys and
+        values are appended to the cache and they attend to every cached position before them.
+        """
+        if cache is not None and start_pos + tokens_BS.shape[1] > min(cache.capacity, self.rope_cos.shape[0]):
+            raise ValueError(
+                f"positions up to {start_pos + tokens_BS.shape[1] - 1} are past the context of "
+                f"model.seq_len={self.cfg.seq_len} positions"
+            )
         h = self.tok_embeddings(tokens_BS)
-        for layer in self.layers:
-            h = layer(h, self.rope_cos, self.rope_sin)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, self.rope_cos, self.rope_sin, None if cache is None else cache.layers[i], start_pos)
         return self.output(self.norm(h))
+
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for up to model.seq_len positions."""
+        return KVCache(len(self.layers), self.cfg.seq_len)
 
     def moe_layers(self) -> Iterator[MoELayer]:
         return (layer.ffn for layer in self.layers if isinstance(layer.ffn, MoELayer))

@@ -6,6 +6,7 @@ Legend: T tokens on this rank, D model dim, K experts per token, E global expert
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +70,9 @@ class MoELayer(nn.Module):
         """Per-expert capacity on this rank (GShard / Switch convention), None when dropless."""
         if self.cfg.capacity_factor is None:
             return None
-        return math.ceil(self.cfg.capacity_factor * num_tokens * self.router.top_k / self.cfg.num_experts)
+        # Exact decimal arithmetic: 1.1 * 25 * 2 / 5 is 11.000000000000002 in floats, and must give 11.
+        factor = Fraction(repr(self.cfg.capacity_factor))
+        return math.ceil(factor * num_tokens * self.router.top_k / self.cfg.num_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_TD = x.reshape(-1, x.shape[-1])
