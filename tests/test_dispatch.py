@@ -150,7 +150,9 @@ def test_combine_gradients_reach_gate_weights_and_rows():
     ],
 )
 def test_layer_capacity(cf, tokens, top_k, experts, expected):
-    cfg = MoEConfig(num_experts=experts, top_k=top_k, expert_hidden=4, capacity_factor=cf, norm_topk=top_k > 1)
+    cfg = MoEConfig(
+        num_experts=experts, top_k=top_k, expert_hidden=4, capacity_factor=cf, norm_topk=top_k > 1
+    )
     layer = MoELayer(4, cfg)
     assert layer.capacity(tokens) == expected
 

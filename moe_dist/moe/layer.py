@@ -6,8 +6,8 @@ Legend: T tokens on this rank, D model dim, K experts per token, E global expert
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
