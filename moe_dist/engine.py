@@ -1,7 +1,8 @@
 """Training engines: what turns a loss into an optimizer step.
 
 Both engines share one contract with the trainer and the checkpoints:
-- ``backward(loss)``; ``reduce_gradients() -> grad_norm`` (gradients of the global-mean loss, and their exact
+- ``backward(loss, last_micro_batch=...)`` (the loss already carries the 1/accumulation factor);
+  ``reduce_gradients() -> grad_norm`` (gradients of the global-mean loss, and their exact
   global L2 norm, identical on all ranks); ``step(grad_norm, max_norm)`` clips with that norm and steps;
   ``zero_grad()``; ``set_lr(lr)``;
 - ``optimizer_slots()`` → ``{param name: {"step", "exp_avg", "exp_avg_sq"}}`` with full (unpartitioned)
@@ -30,7 +31,7 @@ class NativeEngine:
         self.model, self.mesh = model, mesh
         self.optimizer = build_optimizer(model, trainer)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, *, last_micro_batch: bool) -> None:
         loss.backward()
 
     def reduce_gradients(self) -> torch.Tensor:
