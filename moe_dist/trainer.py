@@ -207,13 +207,12 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
         with watchdog.phase(
             step, "forward/backward (MoE all-to-all dispatch and combine, router all-reduce)"
         ):
-            for mb_in, mb_tg in zip(inputs.split(t.micro_batch_size), targets.split(t.micro_batch_size)):
+            for i in range(accum_steps):
+                rows = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
                 with autocast:
-                    ce = lm_loss(
-                        model, mb_in.to(device, non_blocking=True), mb_tg.to(device, non_blocking=True)
-                    )
+                    ce = lm_loss(model, inputs[rows].to(device), targets[rows].to(device))
                     loss = (ce + model.moe_loss()) / accum_steps
-                engine.backward(loss)
+                engine.backward(loss, last_micro_batch=i == accum_steps - 1)
                 stats.add(ce, model)
         with watchdog.phase(step, "gradient all-reduce (dense over world, experts over EDP)"):
             grad_norm = engine.reduce_gradients()
