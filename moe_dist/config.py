@@ -29,6 +29,7 @@ class MoEConfig:
     norm_topk: bool = True  # renormalise the k selected gate weights to sum to 1 (Mixtral)
     aux_loss_coef: float = 0.01  # Switch load-balancing loss weight (global-batch statistics)
     z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE)
+    recv_budget: int | None = None  # max rows one rank receives per exchange round (None: one round)
     num_shared_experts: int = 0  # always-on experts of width expert_hidden beside the routed ones
     noisy_gate: bool = False  # Shazeer-2017 learned Gaussian noise on router logits while training
     bias_update_rate: float = 0.001  # aux-loss-free bias step per optimizer step (sigmoid router only)
@@ -152,6 +153,12 @@ def validate_moe(moe: MoEConfig, *, dim: int | None = None, ep: int = 1, prefix:
         f"must be one of {GROUPED_MM_MODES}",
     )
     _require(moe.temperature > 0, f"{p}.temperature", moe.temperature, "must be > 0")
+    _require(
+        moe.recv_budget is None or moe.recv_budget >= 1,
+        f"{p}.recv_budget",
+        moe.recv_budget,
+        "must be >= 1 or null",
+    )
     _require(moe.every_n_layers >= 1, f"{p}.every_n_layers", moe.every_n_layers, "must be >= 1")
     _require(moe.aux_loss_coef >= 0, f"{p}.aux_loss_coef", moe.aux_loss_coef, "must be >= 0")
     _require(moe.z_loss_coef >= 0, f"{p}.z_loss_coef", moe.z_loss_coef, "must be >= 0")

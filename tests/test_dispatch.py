@@ -55,7 +55,7 @@ def test_dispatch_sorts_rows_by_expert_and_counts_tokens():
     d = TokenDispatcher(4).dispatch(x, ids, torch.ones(4, 2), counts_of(ids, 4), capacity=None)
     # expert 0: tokens 0, 1, 3; expert 1: 1, 2; expert 2: 0, 2; expert 3: 3
     expected_tokens = [0, 1, 3, 1, 2, 0, 2, 3]
-    assert d.state.token_idx_M.tolist() == expected_tokens
+    assert d.plan.token_idx_M.tolist() == expected_tokens
     assert torch.equal(d.x_RD, x[expected_tokens])
     assert d.tokens_per_expert_L.tolist() == [3, 2, 2, 1]
     assert d.num_dropped is None
@@ -73,7 +73,7 @@ def test_round_trip_with_identity_experts_gives_k_times_x(capacity):
     assert d.tokens_per_expert_L.tolist() == counts_of(ids, E).tolist()
     experts_of_rows = torch.repeat_interleave(torch.arange(E), d.tokens_per_expert_L)
     assert torch.equal(ids.reshape(-1).sort().values, experts_of_rows)
-    out = disp.combine(d.x_RD, d.state)
+    out = disp.combine(d.x_RD, d)
     torch.testing.assert_close(out, K * x, **TOL)
     if capacity is not None:
         assert d.num_dropped == 0
@@ -87,13 +87,13 @@ def test_capacity_keeps_highest_gate_copies_top1():
     x = distinct_rows(7, 2)
     disp = TokenDispatcher(2)
     d = disp.dispatch(x, ids, w, counts_of(ids, 2), capacity=2)
-    assert d.state.token_idx_M.tolist() == [2, 4, 5, 1]
-    assert d.state.weights_M.tolist() == pytest.approx([0.9, 0.7, 0.6, 0.4])
+    assert d.plan.token_idx_M.tolist() == [2, 4, 5, 1]
+    assert d.plan.weights_M.tolist() == pytest.approx([0.9, 0.7, 0.6, 0.4])
     assert d.tokens_per_expert_L.tolist() == [2, 2]
     assert d.tokens_per_expert_host == [2, 2]
     assert d.num_dropped == 3
     assert torch.equal(d.x_RD, x[[2, 4, 5, 1]])
-    out = disp.combine(d.x_RD, d.state)
+    out = disp.combine(d.x_RD, d)
     expected = torch.zeros_like(x)
     for t, g in [(2, 0.9), (4, 0.7), (5, 0.6), (1, 0.4)]:
         expected[t] = g * x[t]
@@ -108,10 +108,10 @@ def test_capacity_drops_single_copies_of_a_token_top2():
     disp = TokenDispatcher(3)
     d = disp.dispatch(x, ids, w, counts_of(ids, 3), capacity=2)
     # expert 0 keeps t1 (.7), t0 (.6); expert 1 keeps t3 (.9), t2 (.8) and drops t0 (.4); expert 2 keeps t1.
-    assert d.state.token_idx_M.tolist() == [1, 0, 3, 2, 1]
+    assert d.plan.token_idx_M.tolist() == [1, 0, 3, 2, 1]
     assert d.tokens_per_expert_L.tolist() == [2, 2, 1]
     assert d.num_dropped == 3
-    out = disp.combine(d.x_RD, d.state)
+    out = disp.combine(d.x_RD, d)
     expected = torch.stack([0.6 * x[0], 1.0 * x[1], 0.8 * x[2], 0.9 * x[3]])
     torch.testing.assert_close(out, expected, **TOL)
 
@@ -122,7 +122,7 @@ def test_capacity_zero_drops_everything():
     d = disp.dispatch(torch.ones(2, 3), ids, torch.ones(2, 1), counts_of(ids, 2), capacity=0)
     assert d.x_RD.shape == (0, 3)
     assert d.num_dropped == 2
-    assert disp.combine(d.x_RD, d.state).abs().sum().item() == 0.0
+    assert disp.combine(d.x_RD, d).abs().sum().item() == 0.0
 
 
 def test_combine_gradients_reach_gate_weights_and_rows():
@@ -131,7 +131,7 @@ def test_combine_gradients_reach_gate_weights_and_rows():
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
     disp = TokenDispatcher(2)
     d = disp.dispatch(x, ids, w, counts_of(ids, 2), capacity=None)
-    out = disp.combine(2.0 * d.x_RD, d.state)
+    out = disp.combine(2.0 * d.x_RD, d)
     out.sum().backward()
     # out[t] = Σ_k 2·w_tk·x_t → d/dw_tk = 2·Σ_d x_td, d/dx_td = 2·Σ_k w_tk
     assert w.grad.tolist() == [[6.0, 6.0], [14.0, 14.0]]

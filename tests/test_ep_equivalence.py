@@ -37,6 +37,7 @@ class Case:
     norm_topk: bool = True
     force: str = ""  # "one_expert": every token picks expert 3 first; "zero_expert": expert 5 gets nothing
     grouped_mm: str = "on"
+    recv_budget: int | None = None  # rows per exchange round; small values force several rounds
 
 
 WORLD2 = [
@@ -55,12 +56,16 @@ WORLD2 = [
     Case("ep2_capacity_one_expert", ep=2, top_k=1, capacity_factor=1.0, force="one_expert"),
     Case("ep2_shared_experts", ep=2, num_shared_experts=2),
     Case("ep2_single_local_expert", ep=2, num_experts=2, top_k=1),
+    Case("ep2_budget_all_to_one_expert", ep=2, top_k=1, force="one_expert", recv_budget=4),
+    Case("ep2_budget_top4", ep=2, top_k=4, recv_budget=9),
+    Case("ep2_budget_capacity_shared", ep=2, capacity_factor=0.75, num_shared_experts=1, recv_budget=5),
 ]
 WORLD4 = [
     Case("ep4_top2", ep=4),
     Case("ep2_edp2_top2", ep=2),
     Case("ep2_edp2_capacity_shared", ep=2, capacity_factor=0.75, num_shared_experts=1, top_k=4),
     Case("ep1_edp4_top1", ep=1, top_k=1),
+    Case("ep2_edp2_budget_one_expert", ep=2, top_k=2, force="one_expert", recv_budget=3),
 ]
 
 
@@ -81,6 +86,7 @@ def build_layer(case: Case) -> MoELayer:
         z_loss_coef=0.01,
         num_shared_experts=case.num_shared_experts,
         grouped_mm=case.grouped_mm,
+        recv_budget=case.recv_budget,
     )
     layer = MoELayer(DIM, cfg)
     with torch.no_grad():
@@ -189,6 +195,10 @@ def run_cases(rank: int, world_size: int, cases: list[Case]) -> dict:
             [layer.stats.aux_loss.item(), layer.stats.z_loss.item(), float(layer.stats.num_dropped)],
             dtype=torch.float64,
         )
+        budget_use = torch.tensor(
+            [layer.stats.exchange_rounds, layer.stats.received_rows or 0], dtype=torch.float64
+        )
+        dist.all_reduce(budget_use, op=dist.ReduceOp.MAX)
         dist.all_reduce(stats)
         # Relative: forced routing makes the z-loss large (logits of ~50).
         ref_aux, ref_z = routing_ref.aux_loss.item(), routing_ref.z_loss.item()
@@ -204,6 +214,8 @@ def run_cases(rank: int, world_size: int, cases: list[Case]) -> dict:
             "dropped_ref": dropped_ref,
             "counts_ref": routing_ref.counts_E.tolist(),
             "ref_grad_norm": ref_norm.item(),
+            "rounds": int(budget_use[0].item()),
+            "max_received_rows": int(budget_use[1].item()),
         }
     return results
 
@@ -230,6 +242,11 @@ def check(case: Case, result: dict) -> None:
         assert counts[3] == sum(tokens_per_rank(4 if case in WORLD4 else 2))
     if case.force == "zero_expert":
         assert counts[5] == 0
+    if case.recv_budget is not None:
+        assert result["rounds"] > 1, "the budget cases must need several exchange rounds"
+        assert 0 < result["max_received_rows"] <= case.recv_budget
+    else:
+        assert result["rounds"] == 1
 
 
 @pytest.mark.parametrize("case", WORLD2, ids=lambda c: c.name)

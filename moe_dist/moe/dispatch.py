@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 
 
 class _AllToAll(torch.autograd.Function):
@@ -66,15 +67,29 @@ def sort_copies_by_expert(
     return by_weight[torch.sort(ids_N[by_weight], stable=True).indices]
 
 
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 @dataclass
-class DispatchState:
-    """Everything combine needs to undo dispatch."""
+class Plan:
+    """Sorted token copies and every count the exchange needs (host lists from the one sync)."""
 
     num_tokens: int
     token_idx_M: torch.Tensor  # token row of each kept copy, in sorted (expert-major) order
     weights_M: torch.Tensor  # fp32 gate weight of each kept copy, same order
-    send_splits: list[int] | None  # rows sent to each EP rank (None: no exchange)
-    recv_splits: list[int] | None
+    x_MD: torch.Tensor  # the kept copies, same order
+    kept_E: torch.Tensor  # kept copies per global expert on this rank (device)
+    counts_PE: list[list[int]] | None  # kept copies per (EP rank, global expert) in the EP group (host)
+    kept_host: list[int] | None  # this rank's row of counts_PE (host), when a sync happened
+    num_dropped: int | None  # None when dropless
+
+
+@dataclass
+class RoundState:
+    """One exchange round: what combine needs to send expert outputs back."""
+
+    send_splits: list[int]
+    recv_splits: list[int]
     to_src_major_R: torch.Tensor | None  # inverse of the received-row reorder (None: no reorder)
 
 
@@ -84,16 +99,143 @@ class Dispatched:
     tokens_per_expert_L: torch.Tensor  # int64 on device
     tokens_per_expert_host: list[int] | None  # same on the host when a sync already happened
     num_dropped: int | None  # copies dropped by capacity on this rank (None when dropless)
-    state: DispatchState
+    plan: Plan
+    round: RoundState | None  # None when ep == 1 (no exchange)
 
 
 class TokenDispatcher:
-    """Sort-based, padding-free dispatch over an expert-parallel group (or locally when ep == 1)."""
+    """Sort-based, padding-free dispatch over an expert-parallel group (or locally when ep == 1).
 
-    def __init__(self, num_experts: int, *, group: dist.ProcessGroup | None = None, ep: int = 1):
+    With ``recv_budget`` (rows), a step whose routing would make some rank receive more rows than the budget
+    runs the exchange and the expert compute in rounds, each recomputed in backward (activation
+    checkpointing), so the receive-side activations stay bounded while routing stays dropless.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        ep: int = 1,
+        recv_budget: int | None = None,
+    ):
         assert num_experts % ep == 0
         self.num_experts, self.group, self.ep = num_experts, group, ep
         self.num_local = num_experts // ep
+        self.recv_budget = recv_budget
+        self.ep_rank = dist.get_rank(group) if group is not None else 0
+
+    def plan(
+        self,
+        x_TD: torch.Tensor,
+        expert_ids_TK: torch.Tensor,
+        weights_TK: torch.Tensor,
+        counts_E: torch.Tensor,
+        *,
+        capacity: int | None,
+    ) -> Plan:
+        T, K = expert_ids_TK.shape
+        order_N = sort_copies_by_expert(expert_ids_TK, weights_TK, by_gate=capacity is not None)
+        kept_E = counts_E if capacity is None else counts_E.clamp(max=capacity)
+        counts_PE = kept_host = None
+        if self.group is not None:
+            gathered = kept_E.new_empty(self.ep * self.num_experts)
+            _all_gather(gathered, kept_E, group=self.group)
+            # The layer's one device-to-host sync: split sizes must be known on the host.
+            flat = gathered.tolist()
+            counts_PE = [flat[p * self.num_experts : (p + 1) * self.num_experts] for p in range(self.ep)]
+            kept_host = counts_PE[self.ep_rank]
+        elif capacity is not None:
+            kept_host = kept_E.tolist()  # the one sync: the number of kept rows sizes the gathers below
+        num_kept = T * K
+        if capacity is not None:
+            num_kept = sum(kept_host)
+            order_N = order_N[segment_index(exclusive_cumsum(counts_E), kept_E, num_kept)]
+        token_idx_M = order_N // K
+        return Plan(
+            num_tokens=T,
+            token_idx_M=token_idx_M,
+            weights_M=weights_TK.reshape(-1)[order_N].float(),
+            x_MD=x_TD[token_idx_M],
+            kept_E=kept_E,
+            counts_PE=counts_PE,
+            kept_host=kept_host,
+            num_dropped=None if capacity is None else T * K - num_kept,
+        )
+
+    def num_rounds(self, plan: Plan) -> int:
+        """Rounds needed so that no rank receives more than recv_budget rows in one round.
+
+        Every rank computes the same number from the gathered counts, so no further collective is needed.
+        """
+        if self.recv_budget is None or plan.counts_PE is None:
+            return 1
+        L = self.num_local
+        most = max(sum(sum(row[q * L : (q + 1) * L]) for row in plan.counts_PE) for q in range(self.ep))
+        return max(1, -(-most // self.recv_budget))
+
+    def _round_pieces(self, plan: Plan, rounds: int, r: int) -> tuple[list[list[int]], list[int]]:
+        """Round r's kept copies per (EP rank, global expert), and this rank's offset into each expert segment.
+
+        Each receiver's incoming rows, in (source rank, local expert) order, are cut into windows of
+        recv_budget rows; round r exchanges window r of every receiver.
+        """
+        if rounds == 1:
+            return plan.counts_PE, [0] * self.num_experts
+        L, budget = self.num_local, self.recv_budget
+        window = (r * budget, (r + 1) * budget)
+        counts_PE = [[0] * self.num_experts for _ in range(self.ep)]
+        offsets_E = [0] * self.num_experts
+        for q in range(self.ep):
+            position = 0  # where the next segment starts in receiver q's incoming stream
+            for p in range(self.ep):
+                for e in range(q * L, (q + 1) * L):
+                    n = plan.counts_PE[p][e]
+                    lo, hi = max(position, window[0]), min(position + n, window[1])
+                    if hi > lo:
+                        counts_PE[p][e] = hi - lo
+                        if p == self.ep_rank:
+                            offsets_E[e] = lo - position
+                    position += n
+        return counts_PE, offsets_E
+
+    def received_rows_per_round(self, plan: Plan, rounds: int) -> int | None:
+        """Peak rows this rank received in one round (None without an exchange): what the budget bounds."""
+        if plan.counts_PE is None:
+            return None
+        L, me = self.num_local, self.ep_rank
+        return max(
+            sum(sum(row[me * L : (me + 1) * L]) for row in self._round_pieces(plan, rounds, r)[0])
+            for r in range(rounds)
+        )
+
+    def exchange_in(
+        self, x_MD: torch.Tensor, counts_PE: list[list[int]]
+    ) -> tuple[torch.Tensor, RoundState, list[int]]:
+        """Sends rows to the ranks owning their experts; returns expert-major received rows."""
+        L, P, me = self.num_local, self.ep, self.ep_rank
+        send_splits = [sum(counts_PE[me][q * L : (q + 1) * L]) for q in range(P)]
+        recv_PL = [counts_PE[p][me * L : (me + 1) * L] for p in range(P)]
+        recv_splits = [sum(row) for row in recv_PL]
+        x_RD = all_to_all(x_MD, out_splits=recv_splits, in_splits=send_splits, group=self.group)
+        tokens_per_expert = [sum(recv_PL[p][e] for p in range(P)) for e in range(L)]
+        state = RoundState(send_splits, recv_splits, None)
+        if L > 1:
+            # Received rows are ordered (source rank, local expert); the experts want (local expert, source).
+            lengths_PL = torch.tensor(recv_PL, dtype=torch.int64, device=x_RD.device)
+            src_starts_PL = exclusive_cumsum(lengths_PL.reshape(-1)).view(P, L)
+            R = x_RD.shape[0]
+            to_expert_major = segment_index(src_starts_PL.t().reshape(-1), lengths_PL.t().reshape(-1), R)
+            state.to_src_major_R = torch.empty_like(to_expert_major)
+            state.to_src_major_R[to_expert_major] = torch.arange(R, device=x_RD.device)
+            x_RD = x_RD[to_expert_major]
+        return x_RD, state, tokens_per_expert
+
+    def exchange_out(self, y_RD: torch.Tensor, state: RoundState) -> torch.Tensor:
+        """Reverse of exchange_in: expert outputs back to the ranks (and row order) they came from."""
+        if state.to_src_major_R is not None:
+            y_RD = y_RD[state.to_src_major_R]
+        return all_to_all(y_RD, out_splits=state.send_splits, in_splits=state.recv_splits, group=self.group)
 
     def dispatch(
         self,
@@ -104,60 +246,61 @@ class TokenDispatcher:
         *,
         capacity: int | None,
     ) -> Dispatched:
-        T, K = expert_ids_TK.shape
-        order_N = sort_copies_by_expert(expert_ids_TK, weights_TK, by_gate=capacity is not None)
-        kept_E = counts_E if capacity is None else counts_E.clamp(max=capacity)
-
-        recv_counts_PL = None
-        if self.group is not None:
-            recv_counts_PL = torch.empty_like(kept_E)
-            dist.all_to_all_single(recv_counts_PL, kept_E, group=self.group)
-        host = None
-        if self.group is not None or capacity is not None:
-            # The layer's one device-to-host sync: split sizes (and the kept-row count) must be on the host.
-            both = kept_E if recv_counts_PL is None else torch.cat([kept_E, recv_counts_PL])
-            host = both.tolist()
-
-        num_kept = T * K
-        if capacity is not None:
-            num_kept = sum(host[: self.num_experts])
-            order_N = order_N[segment_index(exclusive_cumsum(counts_E), kept_E, num_kept)]
-        token_idx_M = order_N // K
-        weights_M = weights_TK.reshape(-1)[order_N].float()
-        x_MD = x_TD[token_idx_M]
-
-        state = DispatchState(T, token_idx_M, weights_M, None, None, None)
-        num_dropped = None if capacity is None else T * K - num_kept
+        """Plan and exchange in one round (ignores recv_budget; see ``forward`` for the budgeted path)."""
+        plan = self.plan(x_TD, expert_ids_TK, weights_TK, counts_E, capacity=capacity)
         if self.group is None:
-            host_counts = host[: self.num_experts] if host is not None else None
-            return Dispatched(x_MD, kept_E, host_counts, num_dropped, state)
+            return Dispatched(plan.x_MD, plan.kept_E, plan.kept_host, plan.num_dropped, plan, None)
+        x_RD, state, tokens_host = self.exchange_in(plan.x_MD, plan.counts_PE)
+        tokens_dev = torch.tensor(tokens_host, dtype=torch.int64, device=x_RD.device)
+        return Dispatched(x_RD, tokens_dev, tokens_host, plan.num_dropped, plan, state)
 
-        L, P = self.num_local, self.ep
-        recv_host = host[self.num_experts :]
-        state.send_splits = [sum(host[p * L : (p + 1) * L]) for p in range(P)]
-        state.recv_splits = [sum(recv_host[p * L : (p + 1) * L]) for p in range(P)]
-        x_RD = all_to_all(x_MD, out_splits=state.recv_splits, in_splits=state.send_splits, group=self.group)
-        # Received rows are ordered (source rank, local expert); the experts want (local expert, source rank).
-        tokens_per_expert_host = [sum(recv_host[p * L + e] for p in range(P)) for e in range(L)]
-        tokens_per_expert_L = recv_counts_PL.view(P, L).sum(dim=0)
-        if L > 1:
-            R = x_RD.shape[0]
-            src_starts_PL = exclusive_cumsum(recv_counts_PL).view(P, L)
-            to_expert_major = segment_index(
-                src_starts_PL.t().reshape(-1), recv_counts_PL.view(P, L).t().reshape(-1), R
-            )
-            state.to_src_major_R = torch.empty_like(to_expert_major)
-            state.to_src_major_R[to_expert_major] = torch.arange(R, device=x_RD.device)
-            x_RD = x_RD[to_expert_major]
-        return Dispatched(x_RD, tokens_per_expert_L, tokens_per_expert_host, num_dropped, state)
-
-    def combine(self, y_RD: torch.Tensor, state: DispatchState) -> torch.Tensor:
+    def combine(self, y_RD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         """Reverse of dispatch; returns fp32 rows [T, D] = Σ over kept copies of gate · expert output."""
-        if state.to_src_major_R is not None:
-            y_RD = y_RD[state.to_src_major_R]
-        if self.group is not None:
-            y_RD = all_to_all(
-                y_RD, out_splits=state.send_splits, in_splits=state.recv_splits, group=self.group
+        if dispatched.round is not None:
+            y_RD = self.exchange_out(y_RD, dispatched.round)
+        return self._weighted_sum(
+            y_RD, dispatched.plan, dispatched.plan.token_idx_M, dispatched.plan.weights_M
+        )
+
+    @staticmethod
+    def _weighted_sum(y_MD, plan: Plan, token_idx_M, weights_M) -> torch.Tensor:
+        out_TD = y_MD.new_zeros((plan.num_tokens, y_MD.shape[-1]), dtype=torch.float32)
+        return out_TD.index_add(0, token_idx_M, y_MD.float() * weights_M.unsqueeze(-1))
+
+    def forward(
+        self, x_TD, expert_ids_TK, weights_TK, counts_E, *, capacity, experts
+    ) -> tuple[torch.Tensor, Plan, int]:
+        """route-result → fp32 output rows [T, D], the plan, and the number of exchange rounds used."""
+        plan = self.plan(x_TD, expert_ids_TK, weights_TK, counts_E, capacity=capacity)
+        rounds = self.num_rounds(plan)
+        if rounds == 1:
+            if self.group is None:
+                y_MD = experts(plan.x_MD, plan.kept_E, plan.kept_host)
+                return self._weighted_sum(y_MD, plan, plan.token_idx_M, plan.weights_M), plan, 1
+            x_RD, state, tokens_host = self.exchange_in(plan.x_MD, plan.counts_PE)
+            tokens_dev = torch.tensor(tokens_host, dtype=torch.int64, device=x_RD.device)
+            y_MD = self.exchange_out(experts(x_RD, tokens_dev, tokens_host), state)
+            return self._weighted_sum(y_MD, plan, plan.token_idx_M, plan.weights_M), plan, 1
+
+        out_TD = x_TD.new_zeros((plan.num_tokens, x_TD.shape[-1]), dtype=torch.float32)
+        starts_E = exclusive_cumsum(plan.kept_E)
+        for r in range(rounds):
+            counts_PE, offsets = self._round_pieces(plan, rounds, r)
+            lengths = counts_PE[self.ep_rank]
+            rows = segment_index(
+                starts_E + torch.tensor(offsets, device=starts_E.device),
+                torch.tensor(lengths, device=starts_E.device),
+                sum(lengths),
             )
-        out_TD = y_RD.new_zeros((state.num_tokens, y_RD.shape[-1]), dtype=torch.float32)
-        return out_TD.index_add(0, state.token_idx_M, y_RD.float() * state.weights_M.unsqueeze(-1))
+
+            def one_round(x_MD, counts_PE=counts_PE):
+                x_RD, state, tokens_host = self.exchange_in(x_MD, counts_PE)
+                tokens_dev = torch.tensor(tokens_host, dtype=torch.int64, device=x_RD.device)
+                return self.exchange_out(experts(x_RD, tokens_dev, tokens_host), state)
+
+            # Recomputed in backward (same order on every rank): only this round's rows are ever received.
+            y_MD = torch.utils.checkpoint.checkpoint(one_round, plan.x_MD[rows], use_reentrant=False)
+            out_TD = out_TD.index_add(
+                0, plan.token_idx_M[rows], y_MD.float() * plan.weights_M[rows].unsqueeze(-1)
+            )
+        return out_TD, plan, rounds

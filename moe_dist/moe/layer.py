@@ -41,6 +41,8 @@ class MoEStats:
     counts_E: torch.Tensor  # routed copies per global expert on this rank (before drops)
     num_dropped: int  # copies dropped by capacity on this rank
     num_copies: int  # T·K routed copies on this rank
+    exchange_rounds: int = 1  # > 1 when the receive budget split the exchange into rounds
+    received_rows: int | None = None  # peak rows this rank received in one round (None when ep == 1)
 
     def weighted_loss(self, cfg: MoEConfig) -> torch.Tensor:
         return cfg.aux_loss_coef * self.aux_loss + cfg.z_loss_coef * self.z_loss
@@ -63,7 +65,7 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden, grouped_mm=cfg.grouped_mm)
         shared_hidden = cfg.num_shared_experts * cfg.expert_hidden
         self.shared_experts = SwiGLU(dim, shared_hidden) if shared_hidden > 0 else None
-        self.dispatcher = TokenDispatcher(cfg.num_experts)
+        self.dispatcher = TokenDispatcher(cfg.num_experts, recv_budget=cfg.recv_budget)
         self.stats: MoEStats | None = None
 
     def capacity(self, num_tokens: int) -> int | None:
@@ -77,22 +79,23 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.router(x_TD)
-        d = self.dispatcher.dispatch(
+        y_TD, plan, rounds = self.dispatcher.forward(
             x_TD,
             routing.expert_ids_TK,
             routing.weights_TK,
             routing.counts_E,
             capacity=self.capacity(len(x_TD)),
+            experts=self.experts,
         )
-        y_RD = self.experts(d.x_RD, d.tokens_per_expert_L, d.tokens_per_expert_host)
-        y_TD = self.dispatcher.combine(y_RD, d.state)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD).float()
         self.stats = MoEStats(
             aux_loss=routing.aux_loss,
             z_loss=routing.z_loss,
             counts_E=routing.counts_E,
-            num_dropped=d.num_dropped or 0,
+            num_dropped=plan.num_dropped or 0,
             num_copies=routing.expert_ids_TK.numel(),
+            exchange_rounds=rounds,
+            received_rows=self.dispatcher.received_rows_per_round(plan, rounds),
         )
         return y_TD.to(x.dtype).view(x.shape)

@@ -43,7 +43,9 @@ def parallelize_moe(model: nn.Module, mesh: Mesh) -> nn.Module:
             shard = full.detach()[first : first + num_local].clone()
             setattr(experts, name, nn.Parameter(shard, requires_grad=full.requires_grad))
         experts.expert_offset = first
-        layer.dispatcher = TokenDispatcher(num_experts, group=mesh.ep_group, ep=mesh.ep)
+        layer.dispatcher = TokenDispatcher(
+            num_experts, group=mesh.ep_group, ep=mesh.ep, recv_budget=layer.cfg.recv_budget
+        )
         layer.router.dp_group, layer.router.dp_size = mesh.world_group, mesh.world_size
     return model
 
