@@ -70,7 +70,6 @@ class StepStats:
         )
         for i, m in enumerate(layers):
             self.counts[i] += m.stats.counts_E
-        return None
 
     def all_reduce(self, mesh: Mesh) -> None:
         if mesh.world_group is not None:
@@ -78,7 +77,7 @@ class StepStats:
             dist.all_reduce(flat, group=mesh.world_group)
             self.scalars, self.counts = flat[:6], flat[6:].view_as(self.counts)
 
-    def record(self, mesh: Mesh) -> dict:
+    def record(self) -> dict:
         ce, aux, z, dropped, copies, micro = self.scalars.tolist()
         load = self.counts / self.counts.sum(dim=1, keepdim=True).clamp_min(1)
         return {
@@ -233,7 +232,7 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
 
         if step % t.log_every == 0 or step == last_step:
             elapsed = time.perf_counter() - window_start
-            record = {"step": step, **stats.record(mesh), "lr": lr_at(step, t), "grad_norm": grad_norm.item()}
+            record = {"step": step, **stats.record(), "lr": lr_at(step, t), "grad_norm": grad_norm.item()}
             record["tokens_per_s"] = tokens_per_step * window_steps / elapsed
             record["skipped_steps"] = nonfinite.skipped
             logger.log(record)
