@@ -48,6 +48,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    init_from: str | None = None  # local Hugging Face (Mixtral) directory to start from; never downloaded
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 

@@ -152,6 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole window every token")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads per process (torch's default when omitted)"
+    )
     return parser.parse_args(argv)
 
 
@@ -160,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     from moe_dist.parallel.mesh import build_mesh
 
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         path = resolve_checkpoint(args.checkpoint)
         meta = read_meta(path)

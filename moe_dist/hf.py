@@ -11,12 +11,15 @@ Export picks the transformers architecture that computes exactly what the moe_di
                        routing without MLA), ungated shared experts; n_group = 1, routed scaling 1, full RoPE
     Llama              dense models (model.moe.num_experts = 0)
 
-and refuses, with a ValueError naming the feature, a model none of them computes. The files are the
-per-expert layout that ``save_pretrained`` writes (``experts.{e}.w1`` ...), with the *global* experts
-whatever EP the checkpoint was saved at, and load with ``AutoModelForCausalLM.from_pretrained``.
+and refuses, with a ValueError naming the feature, a model none of them computes. The files use the
+names and layouts that ``save_pretrained`` writes (per expert, ``experts.{e}.w1``..., except Granite's
+stacked ``input_linear``), hold the *global* experts whatever EP the checkpoint was saved at, and load
+with ``AutoModelForCausalLM.from_pretrained``.
 
 Import (``init_from_hf``) reads local Mixtral directories (config.json + safetensors), each rank only its
 expert shard; it never downloads. Only json and safetensors are needed here, not transformers.
+
+Legend: E experts, L local experts, D model dim, F expert hidden dim.
 """
 
 from __future__ import annotations
@@ -313,8 +316,9 @@ def _read_hf_config(path: Path) -> dict:
 def model_config_from_hf(path: str | Path) -> dict:
     """Overrides (``{"model.dim": 32, ...}``) that make a moe_dist model match a local Mixtral directory.
 
-    Hydra form: ``[f"{k}={v}" for k, v in model_config_from_hf(path).items()]``. Raises ValueError for a
-    non-Mixtral model or a Mixtral feature moe_dist lacks (grouped-query attention, RoPE scaling, ...).
+    ``hydra_overrides`` gives the command-line form (``python -m moe_dist.hf overrides DIR`` prints it).
+    Raises ValueError for a non-Mixtral model or a Mixtral feature moe_dist lacks (grouped-query
+    attention, RoPE scaling, ...). model.seq_len is left to the run.
     """
     p = _local_dir(path)
     hf = _read_hf_config(p)
@@ -421,12 +425,9 @@ def init_from_hf(model: Transformer, path: str | Path, mesh: Mesh) -> None:
             f"model.seq_len={cfg.seq_len} is longer than the model's sliding_window={sliding_window}"
         )
     if diffs:
-        overrides = " ".join(f"{k}={v}" for k, v in wanted.items())
         raise ValueError(
-            f"model.init_from={str(path)!r} does not match this run's model config: "
-            + "; ".join(diffs)
-            + f". "
-            f"Matching overrides: {overrides}"
+            f"model.init_from={str(path)!r} does not match this run's model config: {'; '.join(diffs)}. "
+            f"Matching overrides: {hydra_overrides(wanted)}"
         )
     tensors = _SafetensorsDir(p)
     tied = _read_hf_config(p).get("tie_word_embeddings", False) and "lm_head.weight" not in tensors

@@ -35,6 +35,10 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> Transformer:
     parallelize_moe(model, mesh)
     model.to_empty(device=device)
     model.init_weights(cfg.trainer.seed)
+    if cfg.model.init_from:
+        from moe_dist.hf import init_from_hf
+
+        init_from_hf(model, cfg.model.init_from, mesh)
     return model
 
 
