@@ -183,7 +183,8 @@ def test_submitit_callback_sets_torch_env(monkeypatch):
     from launch.submitit_env import SubmititDistributedEnv, default_master_port
 
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so that teardown removes what the callback sets
+        monkeypatch.delenv(key)
     slurm_task = {
         "SUBMITIT_EXECUTOR": "slurm",
         "SLURM_JOB_ID": "77",
