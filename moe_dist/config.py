@@ -248,6 +248,19 @@ def validate(cfg: Config, *, world_size: int) -> None:
         "needs engine.name=deepspeed (the native engine does not shard optimizer state)",
     )
 
+    if e.name == "deepspeed":
+        import importlib.util
+
+        _require(
+            importlib.util.find_spec("deepspeed") is not None,
+            "engine.name",
+            e.name,
+            "needs the deepspeed package (pip install -e '.[deepspeed]')",
+        )
+        from moe_dist.deepspeed_engine import deepspeed_config  # local: config stays importable without torch
+
+        deepspeed_config(e, t, world_size=world_size)  # ValueError naming engine.deepspeed.<key>
+
     d = cfg.data
     _require(d.name in DATASETS, "data.name", d.name, f"must be one of {DATASETS}")
     if d.name in ("text", "tokens"):

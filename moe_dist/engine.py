@@ -7,8 +7,8 @@ Both engines share one contract with the trainer and the checkpoints:
   ``zero_grad()``; ``set_lr(lr)``;
 - ``optimizer_slots()`` → ``{param name: {"step", "exp_avg", "exp_avg_sq"}}`` with full (unpartitioned)
   per-parameter tensors in moe_dist's layout (expert tensors are this rank's EP shard), and
-  ``load_optimizer_slots(slots)`` to put such tensors back. Checkpoints only see this, so they reshard across
-  EP sizes *and* across engines.
+  ``load_optimizer_slots(slots)`` to put such tensors back (called after the model weights are loaded).
+  Checkpoints only see this, so they reshard across EP sizes *and* across engines.
 """
 
 from __future__ import annotations

@@ -14,13 +14,7 @@ PROMPT = list(b"def ")
 NEW_TOKENS = 40  # past the tiny model's 32-position window: the window restarts once
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and spared the slowdown of threads on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,7 @@ def hf_lib():
     return pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and spared the slowdown of threads on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tokens(batch: int = 2, seq: int = 32, seed: int = 0) -> torch.Tensor:

@@ -52,6 +52,8 @@ def world2_jobs(rank: int, world_size: int, root: str) -> None:
                 *extra,
             ]
         )
+    run(["model.moe.num_experts=0", "trainer.max_steps=3", "trainer.micro_batch_size=4",
+         f"trainer.out_dir={root}/w2_dense"])  # fmt: skip
     # The ep=2 checkpoint of step 3, resumed with the experts unsharded.
     run(
         [
@@ -84,6 +86,8 @@ def runs(tmp_path_factory) -> Path:
             f"trainer.resume={root}/w2_ep2/checkpoints/step_3",
         ]
     )
+    run(["model.moe.num_experts=0", "trainer.max_steps=3", "trainer.micro_batch_size=8",
+         f"trainer.out_dir={root}/w1_dense"])  # fmt: skip
     return root
 
 
@@ -102,6 +106,10 @@ def test_losses_fall_and_are_finite(runs):
 @pytest.mark.parametrize("layout", ["w2_ep2", "w2_ep1"])
 def test_same_loss_at_every_step_for_any_world_and_ep(runs, layout):
     assert_same_losses(losses(runs / "w1"), losses(runs / layout), range(1, STEPS + 1))
+
+
+def test_dense_model_trains_the_same_at_world_1_and_2(runs):
+    assert_same_losses(losses(runs / "w1_dense"), losses(runs / "w2_dense"), [1, 2, 3])
 
 
 def test_resume_after_preemption_continues_the_same_trajectory(runs):

@@ -247,7 +247,9 @@ class TokenDispatcher:
         capacity: int | None,
     ) -> Dispatched:
         """Plan and exchange in one round (ignores recv_budget; see ``forward`` for the budgeted path)."""
-        plan = self.plan(x_TD, expert_ids_TK, weights_TK, counts_E, capacity=capacity)
+        return self._exchange_all(self.plan(x_TD, expert_ids_TK, weights_TK, counts_E, capacity=capacity))
+
+    def _exchange_all(self, plan: Plan) -> Dispatched:
         if self.group is None:
             return Dispatched(plan.x_MD, plan.kept_E, plan.kept_host, plan.num_dropped, plan, None)
         x_RD, state, tokens_host = self.exchange_in(plan.x_MD, plan.counts_PE)
@@ -274,13 +276,8 @@ class TokenDispatcher:
         plan = self.plan(x_TD, expert_ids_TK, weights_TK, counts_E, capacity=capacity)
         rounds = self.num_rounds(plan)
         if rounds == 1:
-            if self.group is None:
-                y_MD = experts(plan.x_MD, plan.kept_E, plan.kept_host)
-                return self._weighted_sum(y_MD, plan, plan.token_idx_M, plan.weights_M), plan, 1
-            x_RD, state, tokens_host = self.exchange_in(plan.x_MD, plan.counts_PE)
-            tokens_dev = torch.tensor(tokens_host, dtype=torch.int64, device=x_RD.device)
-            y_MD = self.exchange_out(experts(x_RD, tokens_dev, tokens_host), state)
-            return self._weighted_sum(y_MD, plan, plan.token_idx_M, plan.weights_M), plan, 1
+            d = self._exchange_all(plan)
+            return self.combine(experts(d.x_RD, d.tokens_per_expert_L, d.tokens_per_expert_host), d), plan, 1
 
         out_TD = x_TD.new_zeros((plan.num_tokens, x_TD.shape[-1]), dtype=torch.float32)
         starts_E = exclusive_cumsum(plan.kept_E)

@@ -78,7 +78,7 @@ def _all_reduce_grads(params: list[nn.Parameter], group, divisor: int) -> None:
                 for b, synced in zip(bucket, flat.split([b.numel() for b in bucket])):
                     b.copy_(synced.view_as(b))
                 bucket, numel = [], 0
-    if divisor != 1:
+    if divisor != 1 and grads:  # a dense model has no expert gradients at all
         torch._foreach_div_(grads, divisor)
 
 
