@@ -1,0 +1,288 @@
+"""The DeepSpeed engine (ZeRO-0/1/2 over moe_dist's edp x ep mesh) against the native engine.
+
+One spawn of two gloo ranks runs every job in sequence: whole training runs through the trainer (same loss and
+grad norm at every step with clipping active, cross-engine resume across EP sizes), then the engines driven
+directly (gradient accumulation, a skipped non-finite step, optimizer slots, optimizer-state memory). The
+config checks run in this process and need no DeepSpeed import (DeepSpeed picks its accelerator at import:
+the engine imports it, for the CPU here).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from harness import spawn_ranks
+from training_runs import TINY, compose_config, run
+
+from moe_dist.config import EngineConfig, TrainerConfig
+from moe_dist.deepspeed_engine import DeepSpeedEngine, deepspeed_config
+from moe_dist.engine import build_engine
+from moe_dist.metrics import read_metrics
+from moe_dist.optim import lr_at
+from moe_dist.parallel.apply import split_parameters
+from moe_dist.parallel.mesh import build_mesh
+from moe_dist.trainer import build_model, lm_loss
+
+STEPS = 6
+TOL = 1e-4
+CLIP = 1.5  # inside the range of these runs' grad norms (about 1.3 to 1.9): some steps clip, some do not
+# Two micro-batches per rank and step at world 2: the accumulation boundary is exercised.
+COMMON = [f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=2", f"trainer.grad_clip={CLIP}"]
+DEEPSPEED = ["engine=deepspeed"]
+BF16 = ["+engine.deepspeed.bf16.enabled=true"]
+ACCUMULATE_FP32 = "+engine.deepspeed.data_types.grad_accum_dtype=fp32"
+BF16_TOL = {"loss": 2e-3, "grad_norm": 1e-2}  # bf16 parameters: about 3 significant digits
+RUNS = {
+    "native_ep2": ["parallel.ep=2", "trainer.ckpt_every=3"],
+    "native_ep1": ["parallel.ep=1"],
+    "zero0_ep2": ["parallel.ep=2", *DEEPSPEED, "engine.zero_stage=0"],
+    "zero1_ep2": ["parallel.ep=2", *DEEPSPEED, "engine.zero_stage=1"],
+    "zero2_ep2": ["parallel.ep=2", *DEEPSPEED, "engine.zero_stage=2", "trainer.ckpt_every=3"],
+    "zero1_ep1": ["parallel.ep=1", *DEEPSPEED, "engine.zero_stage=1"],
+    "zero2_ep1": ["parallel.ep=1", *DEEPSPEED, "engine.zero_stage=2"],
+    # DeepSpeed bf16 (bf16 parameters, fp32 master partitions): ZeRO-1 with fp32 gradient accumulation runs
+    # DeepSpeed's BF16 optimizer, ZeRO-2 its ZeRO optimizer on bf16 gradients. CPU bf16 here, as on CUDA.
+    "bf16_zero1_ep1": ["parallel.ep=1", *DEEPSPEED, "engine.zero_stage=1", *BF16, ACCUMULATE_FP32],
+    "bf16_zero2_ep2": ["parallel.ep=2", *DEEPSPEED, "engine.zero_stage=2", *BF16],
+    # Cross-engine resume from the step-3 checkpoints above, at the other EP size.
+    "native_ep1_from_zero2_ep2": ["parallel.ep=1", "trainer.resume={root}/zero2_ep2/checkpoints/step_3"],
+    "zero2_ep1_from_native_ep2": [
+        "parallel.ep=1",
+        *DEEPSPEED,
+        "engine.zero_stage=2",
+        "trainer.resume={root}/native_ep2/checkpoints/step_3",
+    ],
+}
+ENGINE_CASES = {  # (ep, engine overrides) for the engine-level checks
+    "native_ep1": (1, []),
+    "zero1_ep1": (1, [*DEEPSPEED, "engine.zero_stage=1"]),
+    "zero2_ep1": (1, [*DEEPSPEED, "engine.zero_stage=2"]),
+    "native_ep2": (2, []),
+    "zero0_ep2": (2, [*DEEPSPEED, "engine.zero_stage=0"]),
+    "zero2_ep2": (2, [*DEEPSPEED, "engine.zero_stage=2"]),
+}
+NAN_STEP = 2  # the engine-level trajectory poisons this step's loss: the step must be skipped cleanly
+
+
+def memory(engine, model) -> dict[str, int]:
+    """Bytes this rank holds of AdamW state and of fp32 master copies beside the model; the model's sizes."""
+    adam = getattr(engine, "adam", None) or engine.optimizer
+    dense, experts = split_parameters(model)
+    # Under ZeRO the basic optimizer steps fp32 partitions, which are copies; native steps the model's tensors.
+    model_ids = {id(p) for p in model.parameters()}
+    masters = [p for g in adam.param_groups for p in g["params"] if id(p) not in model_ids]
+    return {
+        "adam_state": sum(t.numel() * t.element_size() for s in adam.state.values() for t in s.values()),
+        "fp32_masters": sum(p.numel() * p.element_size() for p in masters),
+        "dense_numel": sum(p.numel() for p in dense),
+        "local_expert_numel": sum(p.numel() for p in experts),
+    }
+
+
+def expert_partition_groups(engine, mesh) -> list[bool]:
+    """For each ZeRO param group holding experts: is its partition group moe_dist's own EDP group?"""
+    zero = engine.ds.optimizer if isinstance(engine, DeepSpeedEngine) else None
+    if not hasattr(zero, "is_moe_param_group"):  # native, or DeepSpeed stage 0
+        return []
+    edp = mesh.device_mesh.get_group("edp")
+    return [zero.real_dp_process_group[i] is edp for i, moe in enumerate(zero.is_moe_param_group) if moe]
+
+
+def engine_trajectory(rank: int, ep: int, overrides: list[str]) -> dict:
+    """Three optimizer steps driven as the trainer does (two micro-batches each), the second one non-finite."""
+    cfg = compose_config([*TINY, f"parallel.ep={ep}", "trainer.micro_batch_size=2", *overrides])
+    mesh = build_mesh(ep=ep, num_experts=cfg.model.moe.num_experts)
+    model = build_model(cfg, mesh, torch.device("cpu"))
+    engine = build_engine(model, engine=cfg.engine, trainer=cfg.trainer, mesh=mesh)
+    generator = torch.Generator().manual_seed(1000 + rank)
+    norms = []
+    for step in range(1, 4):
+        engine.set_lr(lr_at(step, cfg.trainer))
+        for micro in range(2):
+            tokens = torch.randint(cfg.model.vocab_size, (2, cfg.model.seq_len + 1), generator=generator)
+            inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+            loss = (lm_loss(model, inputs, targets) + model.moe_loss()) / 2
+            if step == NAN_STEP:
+                loss = loss * math.nan
+            engine.backward(loss, last_micro_batch=micro == 1)
+        norm = engine.reduce_gradients()
+        norms.append(norm.item())
+        if math.isfinite(norms[-1]):
+            engine.step(norm, max_norm=CLIP)
+        engine.zero_grad()
+    slots = engine.optimizer_slots()
+    return {
+        "norms": norms,
+        "params": {name: p.detach().float().clone() for name, p in model.named_parameters()},
+        "slots": {name: {k: v.detach().float().clone() for k, v in s.items()} for name, s in slots.items()},
+        "memory": memory(engine, model),
+        "expert_groups_are_mesh_edp": expert_partition_groups(engine, mesh),
+    }
+
+
+def world2_jobs(rank: int, world_size: int, root: str) -> dict:
+    for name, overrides in RUNS.items():
+        run([*COMMON, *(o.format(root=root) for o in overrides), f"trainer.out_dir={root}/{name}"])
+    return {name: engine_trajectory(rank, ep, overrides) for name, (ep, overrides) in ENGINE_CASES.items()}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> tuple[Path, list[dict]]:
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install -e .[deepspeed])")
+    root = tmp_path_factory.mktemp("ds_runs")
+    return root, spawn_ranks(2, world2_jobs, str(root))
+
+
+def records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
+
+
+def assert_same_run(a: dict[int, dict], b: dict[int, dict], steps) -> None:
+    for step in steps:
+        for key in ("loss", "grad_norm"):
+            assert abs(a[step][key] - b[step][key]) < TOL, (
+                f"step {step}: {key} {a[step][key]} vs {b[step][key]}"
+            )
+
+
+@pytest.mark.parametrize("ep", [2, 1])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_matches_native_loss_and_grad_norm_at_every_step(results, stage, ep):
+    root, _ = results
+    native, zero = records(root / f"native_ep{ep}"), records(root / f"zero{stage}_ep{ep}")
+    assert sorted(zero) == list(range(1, STEPS + 1))
+    assert_same_run(native, zero, range(1, STEPS + 1))
+    clipped = sum(r["grad_norm"] > CLIP for r in zero.values())
+    assert 0 < clipped < STEPS, f"clipping acted at {clipped}/{STEPS} steps: move CLIP into the norms' range"
+    delta = {k: max(abs(native[s][k] - zero[s][k]) for s in native) for k in ("loss", "grad_norm")}
+    print(
+        f"ZeRO-{stage} ep {ep}: max |loss - native| {delta['loss']:.2e}, max |grad_norm - native| "
+        f"{delta['grad_norm']:.2e}, clipped at {clipped}/{STEPS} steps"
+    )
+
+
+@pytest.mark.parametrize("case", ["bf16_zero1_ep1", "bf16_zero2_ep2"])
+def test_bf16_zero_follows_native_within_bf16_precision(results, case):
+    root, _ = results
+    native, zero = records(root / f"native_{case[-3:]}"), records(root / case)
+    assert sorted(zero) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        for key, tol in BF16_TOL.items():
+            assert abs(native[step][key] - zero[step][key]) < tol * native[step][key], (step, key)
+    relative = {
+        k: max(abs(native[s][k] - zero[s][k]) / native[s][k] for s in native) for k in ("loss", "grad_norm")
+    }
+    print(
+        f"{case}: max relative difference to native: loss {relative['loss']:.1e}, grad_norm {relative['grad_norm']:.1e}"
+    )
+
+
+def test_zero0_matches_native(results):
+    root, _ = results
+    assert_same_run(records(root / "native_ep2"), records(root / "zero0_ep2"), range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize(
+    ("resumed", "uninterrupted"),
+    [("native_ep1_from_zero2_ep2", "zero2_ep2"), ("zero2_ep1_from_native_ep2", "native_ep2")],
+)
+def test_checkpoints_resume_across_engines_and_ep_sizes(results, resumed, uninterrupted):
+    root, _ = results
+    after = records(root / resumed)
+    assert sorted(after) == [4, 5, 6]
+    assert_same_run(records(root / uninterrupted), after, [4, 5, 6])
+
+
+@pytest.mark.parametrize("case", ["zero1_ep1", "zero2_ep1", "zero0_ep2", "zero2_ep2"])
+def test_engine_level_trajectory_equals_native_through_a_skipped_step(results, case):
+    _, ranks = results
+    native_case = "native_ep" + case[-1]
+    for rank, by_case in enumerate(ranks):
+        native, zero = by_case[native_case], by_case[case]
+        assert math.isnan(zero["norms"][NAN_STEP - 1]) and math.isnan(native["norms"][NAN_STEP - 1])
+        finite = [i for i in range(3) if i != NAN_STEP - 1]
+        for i in finite:
+            assert abs(native["norms"][i] - zero["norms"][i]) < 1e-5 * native["norms"][i]
+        assert native["params"].keys() == zero["params"].keys()
+        for name, p in native["params"].items():
+            assert p.shape == zero["params"][name].shape, name  # experts: this rank's EP shard in both
+            assert (p - zero["params"][name]).abs().max() < 1e-6, f"rank {rank} {name}"
+        assert native["slots"].keys() == zero["slots"].keys()
+        for name, slots in native["slots"].items():
+            # Two AdamW steps in both: the NaN step was skipped without touching the state.
+            assert float(slots["step"]) == float(zero["slots"][name]["step"]) == 2
+            for key in ("exp_avg", "exp_avg_sq"):
+                got = zero["slots"][name][key]
+                assert got.shape == slots[key].shape and (got - slots[key]).abs().max() < 1e-7, (name, key)
+
+
+def test_zero_partitions_experts_over_moe_dists_edp_group(results):
+    _, ranks = results
+    for by_case in ranks:
+        for case in ("zero1_ep1", "zero2_ep1", "zero2_ep2"):
+            groups = by_case[case]["expert_groups_are_mesh_edp"]
+            assert groups and all(groups), case
+
+
+def test_zero2_holds_less_optimizer_state_per_rank(results):
+    """AdamW keeps 8 bytes per element (exp_avg, exp_avg_sq in fp32) plus a 4-byte step per tensor; ZeRO
+    partitions dense state over the world (2) and expert state over EDP (2 at ep 1, 1 at ep 2)."""
+    _, ranks = results
+    for ep, edp in ((1, 2), (2, 1)):
+        for rank, by_case in enumerate(ranks):
+            native, zero2 = by_case[f"native_ep{ep}"]["memory"], by_case[f"zero2_ep{ep}"]["memory"]
+            print(
+                f"world 2, ep {ep}, rank {rank}: AdamW state native {native['adam_state']:,} B, "
+                f"ZeRO-2 {zero2['adam_state']:,} B (+ fp32 master partition {zero2['fp32_masters']:,} B)"
+            )
+            steps = 4 * len(by_case[f"native_ep{ep}"]["slots"])
+            assert native["adam_state"] == 8 * (native["dense_numel"] + native["local_expert_numel"]) + steps
+            partitioned = 8 * (zero2["dense_numel"] / 2 + zero2["local_expert_numel"] / edp)
+            # Above that: one 4-byte step per partition and DeepSpeed's alignment padding.
+            assert partitioned <= zero2["adam_state"] < partitioned + 1024
+            assert zero2["adam_state"] < native["adam_state"]
+
+
+def test_deepspeed_config_derives_the_batch_layout_and_merges_pass_through_keys():
+    engine = EngineConfig(
+        name="deepspeed",
+        zero_stage=2,
+        deepspeed={"zero_optimization": {"reduce_bucket_size": 1000}, "bf16": {"enabled": True}},
+    )
+    config = deepspeed_config(engine, TrainerConfig(global_batch_size=16, micro_batch_size=2), world_size=2)
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"]) == (16, 2)
+    assert config["gradient_accumulation_steps"] == 4 and config["gradient_clipping"] == 0.0
+    assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert config["bf16"] == {"enabled": True}
+    assert engine.deepspeed["zero_optimization"] == {"reduce_bucket_size": 1000}  # not modified
+
+
+@pytest.mark.parametrize(
+    ("stage", "extra", "message"),
+    [
+        (2, {"gradient_clipping": 1.0}, r"gradient_clipping=1.0: set by moe_dist from trainer.grad_clip"),
+        (2, {"train_batch_size": 32}, r"engine.deepspeed.train_batch_size=32: set by moe_dist"),
+        (2, {"optimizer": {"type": "Adam"}}, r"engine.deepspeed.optimizer=.*: set by moe_dist"),
+        (
+            1,
+            {"zero_optimization": {"stage": 2}},
+            r"zero_optimization.stage=2: the stage is engine.zero_stage=1",
+        ),
+        (2, {"fp16": {"enabled": True}}, r"engine.deepspeed.fp16: fp16 with loss scaling is not supported"),
+        (0, {"bf16": {"enabled": True}}, r"engine.deepspeed.bf16: needs engine.zero_stage=1 or 2"),
+        (
+            2,
+            {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+            r"ZeRO-Offload is not supported",
+        ),
+    ],
+)
+def test_deepspeed_config_refuses_what_moe_dist_owns_or_does_not_support(stage, extra, message):
+    engine = EngineConfig(name="deepspeed", zero_stage=stage, deepspeed=extra)
+    with pytest.raises(ValueError, match=message):
+        deepspeed_config(engine, TrainerConfig(), world_size=2)
