@@ -62,6 +62,7 @@ class StepStats:
         # [ce, aux, z, dropped, copies, micro-batches] then counts [layers x experts]
         self.scalars = torch.zeros(6, dtype=torch.float64, device=self.device)
         self.counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64, device=self.device)
+        self.exchange_rounds = 1  # the most rounds a layer needed (recv_budget); the same on every rank
 
     def add(self, ce: torch.Tensor, model: Transformer) -> None:
         layers = list(model.moe_layers())
@@ -74,6 +75,7 @@ class StepStats:
         )
         for i, m in enumerate(layers):
             self.counts[i] += m.stats.counts_E
+        self.exchange_rounds = max([self.exchange_rounds] + [m.stats.exchange_rounds for m in layers])
 
     def all_reduce(self, mesh: Mesh) -> None:
         if mesh.world_group is not None:
@@ -90,6 +92,7 @@ class StepStats:
             "z_loss": z / micro / max(1, self.num_layers),
             "dropped_frac": dropped / copies if copies else 0.0,
             "expert_load": load.tolist(),
+            "exchange_rounds": self.exchange_rounds,
         }
 
 

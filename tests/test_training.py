@@ -54,6 +54,8 @@ def world2_jobs(rank: int, world_size: int, root: str) -> None:
         )
     run(["model.moe.num_experts=0", "trainer.max_steps=3", "trainer.micro_batch_size=4",
          f"trainer.out_dir={root}/w2_dense"])  # fmt: skip
+    run(["parallel.ep=2", f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=4",
+         "model.moe.recv_budget=64", f"trainer.out_dir={root}/w2_ep2_budget"])  # fmt: skip
     # The ep=2 checkpoint of step 3, resumed with the experts unsharded.
     run(
         [
@@ -106,6 +108,13 @@ def test_losses_fall_and_are_finite(runs):
 @pytest.mark.parametrize("layout", ["w2_ep2", "w2_ep1"])
 def test_same_loss_at_every_step_for_any_world_and_ep(runs, layout):
     assert_same_losses(losses(runs / "w1"), losses(runs / layout), range(1, STEPS + 1))
+
+
+def test_receive_budget_splits_the_exchange_without_changing_the_run(runs):
+    assert_same_losses(losses(runs / "w1"), losses(runs / "w2_ep2_budget"), range(1, STEPS + 1))
+    rounds = [r["exchange_rounds"] for r in read_metrics(runs / "w2_ep2_budget") if "loss" in r]
+    assert min(rounds) >= 2, rounds  # 4 x 32 tokens x top-2 = 256 rows per rank against a budget of 64
+    assert {r["exchange_rounds"] for r in read_metrics(runs / "w2_ep2") if "loss" in r} == {1}
 
 
 def test_dense_model_trains_the_same_at_world_1_and_2(runs):
