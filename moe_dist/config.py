@@ -34,7 +34,7 @@ class MoEConfig:
     noisy_gate: bool = False  # Shazeer-2017 learned Gaussian noise on router logits while training
     bias_update_rate: float = 0.001  # aux-loss-free bias step per optimizer step (sigmoid router only)
     every_n_layers: int = 1  # MoE FFN in every n-th block, dense FFN in the others
-    grouped_mm: str = "auto"  # "auto": grouped_mm where the device and shapes allow; "on"; "off" (loop)
+    grouped_mm: str = "auto"  # "auto": grouped_mm on CUDA when shapes allow, loop on CPU; "on"; "off" (loop)
 
 
 @dataclass

@@ -210,14 +210,19 @@ def test_grouped_mm_on_rejects_unaligned_shapes(dim, hidden):
     experts = GroupedExperts(2, dim, hidden, grouped_mm="on")
     with pytest.raises(ValueError, match=f"dim={dim} and expert_hidden={hidden}"):
         experts(torch.randn(3, dim), torch.tensor([1, 2]))
-    assert not GroupedExperts(2, dim, hidden, grouped_mm="auto").uses_grouped_mm(torch.float32)
+    assert not GroupedExperts(2, dim, hidden, grouped_mm="auto").uses_grouped_mm(torch.float32, CUDA)
+
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # only compared by type: no CUDA needed
 
 
 def test_grouped_mm_mode_selection():
-    assert GroupedExperts(2, 8, 4, grouped_mm="auto").uses_grouped_mm(torch.float32)
-    assert GroupedExperts(2, 8, 8, grouped_mm="auto").uses_grouped_mm(torch.bfloat16)
-    assert not GroupedExperts(2, 8, 4, grouped_mm="auto").uses_grouped_mm(torch.bfloat16)
-    assert not GroupedExperts(2, 8, 4, grouped_mm="off").uses_grouped_mm(torch.float32)
+    assert GroupedExperts(2, 8, 4, grouped_mm="auto").uses_grouped_mm(torch.float32, CUDA)
+    assert GroupedExperts(2, 8, 8, grouped_mm="auto").uses_grouped_mm(torch.bfloat16, CUDA)
+    assert not GroupedExperts(2, 8, 4, grouped_mm="auto").uses_grouped_mm(torch.bfloat16, CUDA)
+    assert not GroupedExperts(2, 8, 4, grouped_mm="auto").uses_grouped_mm(torch.float32, CPU)  # loop faster
+    assert GroupedExperts(2, 8, 4, grouped_mm="on").uses_grouped_mm(torch.float32, CPU)
+    assert not GroupedExperts(2, 8, 4, grouped_mm="off").uses_grouped_mm(torch.float32, CUDA)
 
 
 D, HIDDEN, E = 8, 4, 6

@@ -156,7 +156,7 @@ class TokenDispatcher:
             num_tokens=T,
             token_idx_M=token_idx_M,
             weights_M=weights_TK.reshape(-1)[order_N].float(),
-            x_MD=x_TD[token_idx_M],
+            x_MD=x_TD.index_select(0, token_idx_M),
             kept_E=kept_E,
             counts_PE=counts_PE,
             kept_host=kept_host,
@@ -228,13 +228,13 @@ class TokenDispatcher:
             to_expert_major = segment_index(src_starts_PL.t().reshape(-1), lengths_PL.t().reshape(-1), R)
             state.to_src_major_R = torch.empty_like(to_expert_major)
             state.to_src_major_R[to_expert_major] = torch.arange(R, device=x_RD.device)
-            x_RD = x_RD[to_expert_major]
+            x_RD = x_RD.index_select(0, to_expert_major)
         return x_RD, state, tokens_per_expert
 
     def exchange_out(self, y_RD: torch.Tensor, state: RoundState) -> torch.Tensor:
         """Reverse of exchange_in: expert outputs back to the ranks (and row order) they came from."""
         if state.to_src_major_R is not None:
-            y_RD = y_RD[state.to_src_major_R]
+            y_RD = y_RD.index_select(0, state.to_src_major_R)
         return all_to_all(y_RD, out_splits=state.send_splits, in_splits=state.recv_splits, group=self.group)
 
     def dispatch(

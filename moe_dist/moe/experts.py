@@ -40,8 +40,12 @@ class GroupedExperts(nn.Module):
     def num_local_experts(self) -> int:
         return self.w_gate_up.shape[0]
 
-    def uses_grouped_mm(self, dtype: torch.dtype) -> bool:
+    def uses_grouped_mm(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """ "auto": grouped_mm on CUDA only. On CPU it is one plain mm per expert behind a larger allocation,
+        and measured 21% slower than the loop on bench config A (docs/PERFORMANCE.md)."""
         if self.grouped_mm == "off" or not HAS_GROUPED_MM:
+            return False
+        if self.grouped_mm == "auto" and device.type != "cuda":
             return False
         # grouped_mm needs every row stride to be a multiple of 16 bytes.
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -66,7 +70,7 @@ class GroupedExperts(nn.Module):
         )
         dtype = dtype or self.w_gate_up.dtype
         x_RD, w_gate_up, w_down = x_RD.to(dtype), self.w_gate_up.to(dtype), self.w_down.to(dtype)
-        if self.uses_grouped_mm(dtype):
+        if self.uses_grouped_mm(dtype, x_RD.device):
             offsets_L = torch.cumsum(tokens_per_expert_L, dim=0, dtype=torch.int32)
             h_R2F = F.grouped_mm(x_RD, w_gate_up, offs=offsets_L)
             gate, up = h_R2F.chunk(2, dim=-1)

@@ -79,8 +79,11 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_TD = x.reshape(-1, x.shape[-1])
         routing = self.router(x_TD)
+        x_rows_TD = x_TD
+        if torch.is_autocast_enabled(x.device.type):  # rows cross the all-to-all in bf16, not fp32
+            x_rows_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
         y_TD, plan, rounds = self.dispatcher.forward(
-            x_TD,
+            x_rows_TD,
             routing.expert_ids_TK,
             routing.weights_TK,
             routing.counts_E,
