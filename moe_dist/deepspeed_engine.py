@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_dist.config import EngineConfig, TrainerConfig
-from moe_dist.engine import ADAM_SLOTS
+from moe_dist.engine import ADAM_SLOTS, zero_adam_state
 from moe_dist.moe.experts import GroupedExperts
 from moe_dist.optim import build_optimizer
 from moe_dist.parallel.apply import global_grad_norm, split_parameters
@@ -284,11 +284,7 @@ class DeepSpeedEngine:
             for p in group["params"]:
                 state = self.adam.state[p]
                 if not state:
-                    state.update(
-                        step=torch.zeros((), dtype=torch.float32),
-                        exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
-                        exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format),
-                    )
+                    state.update(zero_adam_state(p))
         link = getattr(self.ds.optimizer, "_lazy_init_hp_params_optimizer_state", None)
         if link is not None:
             link()

@@ -24,6 +24,15 @@ from moe_dist.parallel.mesh import Mesh
 ADAM_SLOTS = ("step", "exp_avg", "exp_avg_sq")
 
 
+def zero_adam_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """AdamW's slots as torch creates them at the first step (so that a load has tensors to fill)."""
+    return {
+        "step": torch.zeros((), dtype=torch.float32),
+        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+    }
+
+
 class NativeEngine:
     """Plain AdamW; dense gradients all-reduced over the world, experts over EDP (parallel/apply.py)."""
 
@@ -56,11 +65,7 @@ class NativeEngine:
                 continue
             state = self.optimizer.state[p]
             if not state:
-                state.update(
-                    step=torch.zeros((), dtype=torch.float32),
-                    exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
-                    exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format),
-                )
+                state.update(zero_adam_state(p))
             slots[name] = {key: state[key] for key in ADAM_SLOTS}
         return slots
 

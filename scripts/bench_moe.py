@@ -30,7 +30,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -43,6 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from bench_common import source_version
 from torch import nn
 
 from moe_dist import MoEConfig, MoELayer, build_mesh, parallelize_moe, sync_gradients
@@ -743,21 +743,6 @@ def measure_case(rt: Runtime, case: Case, args: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------
 # Report
-
-
-def source_version() -> str:
-    """The checkout's commit, with "+dirty" when moe_dist/ has uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "moe_dist"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
 
 
 def machine_info(rt: Runtime, ds: ModuleType, *, loadavg_start: float) -> dict[str, Any]:

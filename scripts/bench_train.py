@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from bench_common import source_version
 
 from moe_dist.config import Config, validate
 from moe_dist.data import load_tokens, rank_batch
@@ -304,21 +304,6 @@ def run(cfg: Config, *, warmup: int, steps: int) -> dict[str, Any]:
         "loadavg_end": os.getloadavg()[0],
         "config": dataclasses.asdict(cfg),
     }
-
-
-def source_version() -> str:
-    """The checkout's commit, with "+dirty" when moe_dist/ has uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "moe_dist"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
 
 
 def render(r: dict[str, Any]) -> str:
