@@ -42,6 +42,11 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> Transformer:
     return model
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Stateless RNG (noisy gating): a function of (seed, step, rank), so resuming needs no RNG state."""
+    return seed * 1_000_003 + step * 65_537 + rank
+
+
 def resolve_device(cfg: Config) -> torch.device:
     want = cfg.trainer.device
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
@@ -199,8 +204,7 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
     last_step = t.stop_at_step or t.max_steps
     for step in range(start_step + 1, last_step + 1):
         engine.set_lr(lr_at(step, t))
-        # Stateless RNG (noisy gating): a function of (seed, step, rank), so resuming needs no RNG state.
-        torch.manual_seed(t.seed * 1_000_003 + step * 65_537 + mesh.rank)
+        torch.manual_seed(step_seed(t.seed, step, mesh.rank))
         inputs, targets = rank_batch(
             data.train,
             seed=t.seed,

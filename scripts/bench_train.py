@@ -45,7 +45,7 @@ from moe_dist.moe.layer import MoELayer
 from moe_dist.optim import lr_at
 from moe_dist.parallel.apply import clip_gradients_, global_grad_norm, sync_gradients
 from moe_dist.parallel.mesh import Mesh, build_mesh
-from moe_dist.trainer import StepStats, build_model, lm_loss, resolve_device
+from moe_dist.trainer import StepStats, build_model, lm_loss, resolve_device, step_seed
 
 # Phases outside model fwd/bwd and the optimizer: the framework's overhead.
 OVERHEAD_PHASES = ("misc", "data", "stats", "grad_sync", "grad_norm", "nonfinite_check", "clip", "stats_sync")
@@ -190,7 +190,7 @@ def run(cfg: Config, *, warmup: int, steps: int) -> dict[str, Any]:
         t_step = time.perf_counter()
         with clock("misc"):
             engine.set_lr(lr_at(step, t))
-            torch.manual_seed(t.seed * 1_000_003 + step * 65_537 + mesh.rank)
+            torch.manual_seed(step_seed(t.seed, step, mesh.rank))
         with clock("data"):
             inputs, targets = rank_batch(
                 data.train,
