@@ -102,6 +102,28 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def validate_resume(resume: str) -> None:
+    """``trainer.resume`` names "auto", "none" or a complete checkpoint directory; checked before any collective."""
+    if resume not in ("auto", "none") and not (Path(resume) / META_FILE).is_file():
+        raise ValueError(
+            f"trainer.resume={resume!r}: must be auto, none, or a complete checkpoint directory "
+            "(.../checkpoints/step_<N>)"
+        )
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory (``.../checkpoints/step_N``), or a run directory: its newest checkpoint."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    newest = latest_checkpoint(path) if path.is_dir() else None
+    if newest is None:
+        raise ValueError(
+            f"checkpoint={str(path)!r}: neither a checkpoint (no {META_FILE}) nor a run directory"
+        )
+    return newest
+
+
 def select_checkpoint(resume: str, out_dir: str | os.PathLike) -> tuple[str | None, list[str]]:
     """The checkpoint to resume from (verified against its digests) and warnings about skipped ones.
 

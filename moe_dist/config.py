@@ -6,7 +6,6 @@ before any process group is created or any file is written.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,7 +219,11 @@ def validate_layout(*, world_size: int, ep: int, num_experts: int) -> None:
 
 
 def validate(cfg: Config, *, world_size: int) -> None:
-    """Checks the whole run config against the world size; raises ValueError naming key and value."""
+    """Checks the whole run config against the world size; raises ValueError naming key and value.
+
+    Schema-level checks only: what needs another module (an engine's own config, a checkpoint on disk) is
+    checked there, by ``moe_dist.trainer.validate_run``.
+    """
     m, t = cfg.model, cfg.trainer
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "seq_len", "ffn_hidden"):
         _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
@@ -247,19 +250,6 @@ def validate(cfg: Config, *, world_size: int) -> None:
         e.zero_stage,
         "needs engine.name=deepspeed (the native engine does not shard optimizer state)",
     )
-
-    if e.name == "deepspeed":
-        import importlib.util
-
-        _require(
-            importlib.util.find_spec("deepspeed") is not None,
-            "engine.name",
-            e.name,
-            "needs the deepspeed package (pip install -e '.[deepspeed]')",
-        )
-        from moe_dist.deepspeed_engine import deepspeed_config  # local: config stays importable without torch
-
-        deepspeed_config(e, t, world_size=world_size)  # ValueError naming engine.deepspeed.<key>
 
     d = cfg.data
     _require(d.name in DATASETS, "data.name", d.name, f"must be one of {DATASETS}")
@@ -294,15 +284,6 @@ def validate(cfg: Config, *, world_size: int) -> None:
     _require(t.ckpt_every >= 0, "trainer.ckpt_every", t.ckpt_every, "must be >= 0 (0 disables)")
     _require(t.max_nonfinite_skips >= 0, "trainer.max_nonfinite_skips", t.max_nonfinite_skips, "must be >= 0")
     _require(t.collapse_warn_steps >= 0, "trainer.collapse_warn_steps", t.collapse_warn_steps, "must be >= 0")
-    if t.resume not in ("auto", "none"):
-        from moe_dist.checkpoint import META_FILE  # local: keeps config importable without torch
-
-        _require(
-            os.path.isfile(os.path.join(t.resume, META_FILE)),
-            "trainer.resume",
-            t.resume,
-            "must be auto, none, or a complete checkpoint directory (.../checkpoints/step_<N>)",
-        )
     _require(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
     _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "must be auto, cpu or cuda")
     _require(

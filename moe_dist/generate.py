@@ -13,60 +13,18 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import dataclasses
 import sys
 import time
-import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from moe_dist.checkpoint import latest_checkpoint, load_checkpoint, read_meta
-from moe_dist.config import Config, ModelConfig, MoEConfig, TrainerConfig, validate_layout
+from moe_dist.checkpoint import read_meta, resolve_checkpoint
+from moe_dist.config import validate_layout
+from moe_dist.model.build import load_model, model_config_from_meta
 from moe_dist.model.transformer import Transformer
 from moe_dist.parallel.mesh import Mesh, single_process_mesh
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory (``.../checkpoints/step_N``), or a run directory: its newest checkpoint."""
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        return path
-    newest = latest_checkpoint(path) if path.is_dir() else None
-    if newest is None:
-        raise ValueError(f"checkpoint={str(path)!r}: neither a checkpoint (no meta.json) nor a run directory")
-    return newest
-
-
-def model_config_from_meta(meta: dict) -> ModelConfig:
-    """The ModelConfig a checkpoint was trained with (keys this version does not know are ignored)."""
-    saved = dict(meta["model"])
-    moe_fields = {f.name for f in dataclasses.fields(MoEConfig)}
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"moe"}
-    moe = MoEConfig(**{k: v for k, v in saved.pop("moe", {}).items() if k in moe_fields})
-    return ModelConfig(**{k: v for k, v in saved.items() if k in model_fields}, moe=moe)
-
-
-def load_model(path: str | Path, *, mesh: Mesh, device: torch.device) -> tuple[Transformer, dict]:
-    """Collective. Builds the model as training does (sharded over ``mesh``), loads the checkpoint, eval mode.
-
-    Returns (model, meta). Any (world, ep) can load a checkpoint saved at any other.
-    """
-    from moe_dist.trainer import build_model  # the trainer pulls in data/metrics/guards: import on use
-
-    path = resolve_checkpoint(path)
-    meta = read_meta(path)
-    mcfg = model_config_from_meta(meta)
-    cfg = Config(model=mcfg, trainer=TrainerConfig(seed=meta.get("seed", 0)))
-    model = build_model(cfg, mesh, device)
-    with warnings.catch_warnings():  # one process without a process group is the intended use here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        load_checkpoint(
-            path, model=model, optimizer_slots=None, mesh=mesh, model_cfg=dataclasses.asdict(mcfg)
-        )
-    return model.eval(), meta
 
 
 def sample_token(

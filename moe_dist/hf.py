@@ -275,24 +275,6 @@ def export_model(model: Transformer, out_dir: str | Path, *, dtype: torch.dtype 
     return model_type
 
 
-def export_checkpoint(
-    checkpoint: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.float32
-) -> tuple[str, Path]:
-    """Exports a checkpoint saved at any (world, ep): loads the global experts in this one process.
-
-    Returns (model_type, checkpoint path). Refuses (ValueError) before loading anything when the model has
-    no exact Hugging Face counterpart.
-    """
-    from moe_dist.checkpoint import read_meta
-    from moe_dist.generate import load_model, model_config_from_meta, resolve_checkpoint
-    from moe_dist.parallel.mesh import single_process_mesh
-
-    path = resolve_checkpoint(checkpoint)
-    hf_model_type(model_config_from_meta(read_meta(path)))
-    model, _ = load_model(path, mesh=single_process_mesh(), device=torch.device("cpu"))
-    return export_model(model, out_dir, dtype=dtype), path
-
-
 # ---------------------------------------------------------------------------------------------- import
 
 

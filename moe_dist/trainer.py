@@ -1,9 +1,14 @@
-"""The training loop, top to bottom: set-up, steps (accumulate → sync → clip → step), eval, checkpoints."""
+"""The training loop, top to bottom: set-up (``build_run``), one optimizer step (``train_step``: accumulate →
+sync → clip → step → stats), and the cadence around it (log, eval, checkpoint)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,34 +17,45 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from moe_dist.checkpoint import load_checkpoint, save_checkpoint, select_checkpoint
+from moe_dist.checkpoint import load_checkpoint, save_checkpoint, select_checkpoint, validate_resume
 from moe_dist.config import Config, validate
 from moe_dist.data import TokenSplits, load_tokens, rank_batch
 from moe_dist.distributed import broadcast_json, collective_timeout_s, env_world_size, init_distributed
-from moe_dist.engine import build_engine
+from moe_dist.engines import Engine, build_engine, validate_engine
 from moe_dist.guards import CollapseDetector, NonFiniteGuard, Watchdog
 from moe_dist.metrics import MetricsLogger, truncate_metrics
+from moe_dist.model.build import build_model
 from moe_dist.model.transformer import Transformer, count_parameters
 from moe_dist.moe.layer import MoELayer
 from moe_dist.optim import lr_at
-from moe_dist.parallel.apply import parallelize_moe
 from moe_dist.parallel.mesh import Mesh, build_mesh
 
 EVAL_SEED_OFFSET = 7_919  # eval batches come from (seed + offset, i): never the training draws
 
+# The phases of train_step, in order. A phase hook (``phase(name)`` → context manager) sees each of them:
+# the trainer's names the watchdog phase, scripts/bench_train.py's times them.
+STEP_PHASES = (
+    "data",
+    "forward",
+    "backward",
+    "stats",
+    "reduce_gradients",
+    "nonfinite_check",
+    "optimizer",
+    "stats_sync",
+)
+# What a hang in a phase with collectives means, for the watchdog's message.
+WATCHDOG_PHASES = {
+    "forward": "forward (MoE all-to-all dispatch and combine, router all-reduce)",
+    "backward": "backward (MoE all-to-all of the gradients)",
+    "reduce_gradients": "gradient all-reduce (dense over world, experts over EDP)",
+    "stats_sync": "expert-count all-reduce",
+}
+PhaseHook = Callable[[str], AbstractContextManager]
 
-def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> Transformer:
-    """Single-device model on the meta device → sharded by the mesh → materialised → seeded init."""
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    parallelize_moe(model, mesh)
-    model.to_empty(device=device)
-    model.init_weights(cfg.trainer.seed)
-    if cfg.model.init_from:
-        from moe_dist.hf import init_from_hf
 
-        init_from_hf(model, cfg.model.init_from, mesh)
-    return model
+def no_phases(name: str) -> AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -52,6 +68,14 @@ def resolve_device(cfg: Config) -> torch.device:
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def validate_run(cfg: Config, *, world_size: int) -> None:
+    """Every check of a run config, before any collective or file write: the schema (config.py), the chosen
+    engine's own config, and the checkpoint to resume from."""
+    validate(cfg, world_size=world_size)
+    validate_engine(cfg.engine, cfg.trainer, world_size=world_size)
+    validate_resume(cfg.trainer.resume)
 
 
 class StepStats:
@@ -106,13 +130,116 @@ def lm_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor) -> 
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
 
 
+@dataclass
+class Run:
+    """Everything set-up produces; ``train_step`` reads and advances it."""
+
+    cfg: Config
+    mesh: Mesh
+    device: torch.device
+    data: TokenSplits
+    model: Transformer
+    engine: Engine
+    autocast: AbstractContextManager
+    accum_steps: int  # micro-batches per rank per optimizer step
+    stats: StepStats
+    nonfinite: NonFiniteGuard
+    collapse: CollapseDetector
+
+
+def build_run(cfg: Config) -> Run:
+    """Validates, loads the data, starts the process group, builds the mesh, the model and the engine."""
+    world_size = env_world_size()
+    validate_run(cfg, world_size=world_size)  # user errors surface here, before any collective or file write
+    t, mcfg = cfg.trainer, cfg.model
+    data = load_tokens(cfg.data, vocab_size=mcfg.vocab_size, seq_len=mcfg.seq_len)
+    device = resolve_device(cfg)
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    device = init_distributed(backend=backend, timeout_s=cfg.parallel.timeout_s)
+    mesh = build_mesh(ep=cfg.parallel.ep, num_experts=mcfg.moe.num_experts)
+    model = build_model(cfg, mesh, device)
+    engine = build_engine(model, engine=cfg.engine, trainer=t, mesh=mesh)
+    moe_names = [name for name, m in model.named_modules() if isinstance(m, MoELayer)]
+    return Run(
+        cfg=cfg,
+        mesh=mesh,
+        device=device,
+        data=data,
+        model=model,
+        engine=engine,
+        autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+        accum_steps=t.global_batch_size // (mesh.world_size * t.micro_batch_size),
+        stats=StepStats(model, device),
+        nonfinite=NonFiniteGuard(t.max_nonfinite_skips),
+        collapse=CollapseDetector(
+            moe_names, mcfg.moe.num_experts, warn_after=t.collapse_warn_steps, device=device
+        ),
+    )
+
+
+@dataclass
+class StepResult:
+    grad_norm: torch.Tensor  # exact global norm before clipping (identical on all ranks)
+    skip_message: str | None  # set when the step was skipped (non-finite gradients)
+
+
+def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResult:
+    """One optimizer step: accumulate the micro-batches → reduce gradients (exact norm) → clip and step →
+    global expert counts (bias update, collapse detector). ``run.stats`` holds the step's sums afterwards."""
+    t, model, engine = run.cfg.trainer, run.model, run.engine
+    with phase("data"):
+        engine.set_lr(lr_at(step, t))
+        torch.manual_seed(step_seed(t.seed, step, run.mesh.rank))
+        inputs, targets = rank_batch(
+            run.data.train,
+            seed=t.seed,
+            step=step,
+            global_batch_size=t.global_batch_size,
+            seq_len=run.cfg.model.seq_len,
+            rank=run.mesh.rank,
+            world_size=run.mesh.world_size,
+        )
+    for i in range(run.accum_steps):
+        with phase("data"):
+            rows = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
+            micro_inputs, micro_targets = inputs[rows].to(run.device), targets[rows].to(run.device)
+        with phase("forward"), run.autocast:
+            ce = lm_loss(model, micro_inputs, micro_targets)
+            loss = (ce + model.moe_loss()) / run.accum_steps
+        with phase("backward"):
+            engine.backward(loss, last_micro_batch=i == run.accum_steps - 1)
+        with phase("stats"):
+            run.stats.add(ce, model)
+    with phase("reduce_gradients"):
+        grad_norm = engine.reduce_gradients()
+    with phase("nonfinite_check"):
+        # Host sync: the skip decision is taken on the host (identical on all ranks: the norm is).
+        skip_message = run.nonfinite.should_skip(step=step, grad_norm=grad_norm.item(), model=model)
+    with phase("optimizer"):
+        if skip_message is None:
+            engine.step(grad_norm, max_norm=t.grad_clip)
+        engine.zero_grad()
+    with phase("stats_sync"):
+        run.stats.all_reduce(run.mesh)  # global expert counts: the same on every rank
+        if skip_message is None:
+            for layer, counts_E in zip(model.moe_layers(), run.stats.counts):
+                layer.router.update_bias(counts_E)
+            run.collapse.update(run.stats.counts)
+    return StepResult(grad_norm, skip_message)
+
+
 @torch.no_grad()
-def evaluate(model: Transformer, data: TokenSplits, cfg: Config, mesh: Mesh, device, autocast) -> float:
+def evaluate(run: Run) -> float:
+    """Mean validation loss over trainer.eval_batches global batches (the same batches at any world size)."""
+    cfg, mesh, model = run.cfg, run.mesh, run.model
+    t = cfg.trainer
     model.eval()
-    t, total = cfg.trainer, torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(2, dtype=torch.float64, device=run.device)
     for i in range(t.eval_batches):
         inputs, targets = rank_batch(
-            data.val,
+            run.data.val,
             seed=t.seed + EVAL_SEED_OFFSET,
             step=i,
             global_batch_size=t.global_batch_size,
@@ -121,167 +248,163 @@ def evaluate(model: Transformer, data: TokenSplits, cfg: Config, mesh: Mesh, dev
             world_size=mesh.world_size,
         )
         for mb_in, mb_tg in zip(inputs.split(t.micro_batch_size), targets.split(t.micro_batch_size)):
-            with autocast:
-                total += torch.stack(
-                    [lm_loss(model, mb_in.to(device), mb_tg.to(device)).double(), total.new_ones(())]
-                )
+            with run.autocast:
+                loss = lm_loss(model, mb_in.to(run.device), mb_tg.to(run.device))
+            total += torch.stack([loss.double(), total.new_ones(())])
     if mesh.world_group is not None:
         dist.all_reduce(total, group=mesh.world_group)
     model.train()
     return (total[0] / total[1]).item()
 
 
-def train(cfg: Config, *, default_out_dir: str) -> Path:
-    """Runs (or resumes) training; returns the run directory. Every rank calls it."""
-    world_size = env_world_size()
-    validate(cfg, world_size=world_size)  # user errors surface here, before any collective or file write
-    t, mcfg = cfg.trainer, cfg.model
-    data = load_tokens(cfg.data, vocab_size=mcfg.vocab_size, seq_len=mcfg.seq_len)
-    device = resolve_device(cfg)
-    backend = (
-        cfg.parallel.backend
-        if cfg.parallel.backend != "auto"
-        else ("nccl" if device.type == "cuda" else "gloo")
-    )
-    device = init_distributed(backend=backend, timeout_s=cfg.parallel.timeout_s)
-    mesh = build_mesh(ep=cfg.parallel.ep, num_experts=mcfg.moe.num_experts)
-    timeout_s = collective_timeout_s(backend, cfg.parallel.timeout_s)
-    watchdog = Watchdog(limit_s=timeout_s + max(10.0, 0.1 * timeout_s), rank=mesh.rank)
-    out_dir = Path(broadcast_json(str(t.out_dir or default_out_dir)))
-    is_main = mesh.rank == 0
-    # Rank 0 picks (and verifies) the checkpoint; every rank gets the same answer or the same error.
+def _select_resume(cfg: Config, out_dir: Path, mesh: Mesh) -> tuple[str | None, list[str]]:
+    """Rank 0 picks (and verifies) the checkpoint; every rank gets the same answer or the same error."""
     choice = {"path": None, "warnings": [], "error": None}
-    if is_main:
+    if mesh.rank == 0:
         try:
-            choice["path"], choice["warnings"] = select_checkpoint(t.resume, out_dir)
+            choice["path"], choice["warnings"] = select_checkpoint(cfg.trainer.resume, out_dir)
         except ValueError as err:
             choice["error"] = str(err)
     choice = broadcast_json(choice)
     if choice["error"]:
         raise ValueError(choice["error"])
+    return choice["path"], choice["warnings"]
 
-    model = build_model(cfg, mesh, device)
-    engine = build_engine(model, engine=cfg.engine, trainer=t, mesh=mesh)
-    model_cfg = dataclasses.asdict(mcfg)
-    start_step = 0
-    if choice["path"] is not None:
-        with watchdog.phase(0, f"loading checkpoint {choice['path']}"):
-            slots = engine.optimizer_slots()
-            meta = load_checkpoint(
-                choice["path"], model=model, optimizer_slots=slots, mesh=mesh, model_cfg=model_cfg
-            )
-            engine.load_optimizer_slots(slots)
-            start_step = meta["step"]
-    if is_main:
+
+def _checkpoint_meta(run: Run) -> dict:
+    return {
+        "model": dataclasses.asdict(run.cfg.model),
+        "seed": run.cfg.trainer.seed,
+        "data": run.data.description,
+        "engine": run.cfg.engine.name,
+    }
+
+
+class Cadence:
+    """What happens between steps on a schedule: the log line and record, eval, and checkpoints."""
+
+    def __init__(
+        self, run: Run, *, out_dir: Path, logger: MetricsLogger, watchdog: Watchdog, start_step: int
+    ):
+        self.run, self.out_dir, self.logger, self.watchdog = run, out_dir, logger, watchdog
+        t = run.cfg.trainer
+        self.last_step = t.stop_at_step or t.max_steps
+        self.tokens_per_step = t.global_batch_size * run.cfg.model.seq_len
+        self.window_start, self.window_steps, self.last_load = time.perf_counter(), 0, []
+        self.bar = tqdm(
+            total=t.max_steps,
+            initial=start_step,
+            disable=not (logger.enabled and t.progress_bar),
+            leave=False,
+        )
+
+    def after_step(self, step: int, result: StepResult) -> None:
+        t = self.run.cfg.trainer
+        if result.skip_message is not None:
+            self.logger.console(result.skip_message)
+        self.window_steps += 1
+        self.bar.update(1)
+        if step % t.log_every == 0 or step == self.last_step:
+            self.log(step, result)
+        self.run.stats.reset()
+        if t.eval_every and (step % t.eval_every == 0 or step == self.last_step):
+            with self.watchdog.phase(step, "evaluation (forward all-to-all, loss all-reduce)"):
+                val_loss = evaluate(self.run)
+            self.logger.log({"step": step, "val_loss": val_loss})
+            self.logger.console(f"step {step:>6} | val_loss {val_loss:.4f}")
+            self.logger.log_expert_heatmap(step, self.last_load)
+        if (t.ckpt_every and step % t.ckpt_every == 0) or step == self.last_step:
+            with self.watchdog.phase(step, "checkpoint save (barriers around the DCP write)"):
+                path = save_checkpoint(
+                    self.out_dir,
+                    step=step,
+                    model=self.run.model,
+                    optimizer_slots=self.run.engine.optimizer_slots(),
+                    mesh=self.run.mesh,
+                    meta=_checkpoint_meta(self.run),
+                    keep=t.keep_checkpoints,
+                )
+            self.logger.console(f"step {step:>6} | checkpoint {path}")
+
+    def log(self, step: int, result: StepResult) -> None:
+        """One record (metrics.jsonl, wandb) and one console line; host reads of the step's statistics."""
+        run = self.run
+        record = {
+            "step": step,
+            **run.stats.record(),
+            "lr": lr_at(step, run.cfg.trainer),
+            "grad_norm": result.grad_norm.item(),
+            "tokens_per_s": self.tokens_per_step
+            * self.window_steps
+            / (time.perf_counter() - self.window_start),
+            "skipped_steps": run.nonfinite.skipped,
+        }
+        self.logger.log(record)
+        self.logger.console(
+            f"step {step:>6} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+            f"grad_norm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:,.0f} | "
+            f"aux {record['aux_loss']:.4f} | dropped {record['dropped_frac']:.3f} | "
+            f"max load {max((max(r) for r in record['expert_load']), default=0):.3f}"
+        )
+        for warning in run.collapse.new_warnings():
+            self.logger.console(warning)
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.last_load = record["expert_load"]
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()
+
+
+def _resume(run: Run, out_dir: Path, watchdog: Watchdog) -> tuple[int, str | None, list[str]]:
+    """(start step, checkpoint path or None, warnings): loads the checkpoint that trainer.resume selects."""
+    path, warnings = _select_resume(run.cfg, out_dir, run.mesh)
+    if path is None:
+        return 0, None, warnings
+    with watchdog.phase(0, f"loading checkpoint {path}"):
+        slots = run.engine.optimizer_slots()
+        meta = load_checkpoint(
+            path,
+            model=run.model,
+            optimizer_slots=slots,
+            mesh=run.mesh,
+            model_cfg=dataclasses.asdict(run.cfg.model),
+        )
+        run.engine.load_optimizer_slots(slots)
+    return meta["step"], path, warnings
+
+
+def train(cfg: Config, *, default_out_dir: str) -> Path:
+    """Runs (or resumes) training; returns the run directory. Every rank calls it."""
+    run = build_run(cfg)
+    t, mesh = cfg.trainer, run.mesh
+    timeout_s = collective_timeout_s(cfg.parallel.backend, cfg.parallel.timeout_s)
+    watchdog = Watchdog(limit_s=timeout_s + max(10.0, 0.1 * timeout_s), rank=mesh.rank)
+    out_dir = Path(broadcast_json(str(t.out_dir or default_out_dir)))
+    start_step, resume_path, resume_warnings = _resume(run, out_dir, watchdog)
+    if mesh.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         truncate_metrics(out_dir, after_step=start_step)  # steps redone after a crash are logged once
-
     logger = MetricsLogger(
-        out_dir, enabled=is_main, wandb_cfg=cfg.logging.wandb, run_config=dataclasses.asdict(cfg)
+        out_dir, enabled=mesh.rank == 0, wandb_cfg=cfg.logging.wandb, run_config=dataclasses.asdict(cfg)
     )
-    params = count_parameters(model)
+    params = count_parameters(run.model)
     logger.console(
-        f"moe_dist: world={mesh.world_size} ep={mesh.ep} edp={mesh.edp} device={device} | "
-        f"params {params['total'] / 1e6:.2f}M total, {params['active'] / 1e6:.2f}M active | {data.description} | "
-        f"run dir {out_dir}"
-        + (f" | resumed from {choice['path']} at step {start_step}" if choice["path"] else "")
+        f"moe_dist: world={mesh.world_size} ep={mesh.ep} edp={mesh.edp} device={run.device} | "
+        f"params {params['total'] / 1e6:.2f}M total, {params['active'] / 1e6:.2f}M active | "
+        f"{run.data.description} | run dir {out_dir}"
+        + (f" | resumed from {resume_path} at step {start_step}" if resume_path else "")
     )
-    for warning in choice["warnings"]:
+    for warning in resume_warnings:
         logger.console(warning)
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    accum_steps = t.global_batch_size // (mesh.world_size * t.micro_batch_size)
-    tokens_per_step = t.global_batch_size * mcfg.seq_len
-    stats = StepStats(model, device)
-    nonfinite = NonFiniteGuard(t.max_nonfinite_skips)
-    moe_names = [name for name, m in model.named_modules() if isinstance(m, MoELayer)]
-    collapse = CollapseDetector(
-        moe_names, mcfg.moe.num_experts, warn_after=t.collapse_warn_steps, device=device
-    )
-    bar = tqdm(total=t.max_steps, initial=start_step, disable=not (is_main and t.progress_bar), leave=False)
-    window_start, window_steps, last_load = time.perf_counter(), 0, []
-    last_step = t.stop_at_step or t.max_steps
-    for step in range(start_step + 1, last_step + 1):
-        engine.set_lr(lr_at(step, t))
-        torch.manual_seed(step_seed(t.seed, step, mesh.rank))
-        inputs, targets = rank_batch(
-            data.train,
-            seed=t.seed,
-            step=step,
-            global_batch_size=t.global_batch_size,
-            seq_len=mcfg.seq_len,
-            rank=mesh.rank,
-            world_size=mesh.world_size,
-        )
-        with watchdog.phase(
-            step, "forward/backward (MoE all-to-all dispatch and combine, router all-reduce)"
-        ):
-            for i in range(accum_steps):
-                rows = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
-                with autocast:
-                    ce = lm_loss(model, inputs[rows].to(device), targets[rows].to(device))
-                    loss = (ce + model.moe_loss()) / accum_steps
-                engine.backward(loss, last_micro_batch=i == accum_steps - 1)
-                stats.add(ce, model)
-        with watchdog.phase(step, "gradient all-reduce (dense over world, experts over EDP)"):
-            grad_norm = engine.reduce_gradients()
-        skip_message = nonfinite.should_skip(step=step, grad_norm=grad_norm.item(), model=model)  # host sync
-        if skip_message is None:
-            engine.step(grad_norm, max_norm=t.grad_clip)
-        else:
-            logger.console(skip_message)
-        engine.zero_grad()
-        with watchdog.phase(step, "expert-count all-reduce"):
-            stats.all_reduce(mesh)  # global expert counts: the same on every rank
-        if skip_message is None:
-            for layer, counts_E in zip(model.moe_layers(), stats.counts):
-                layer.router.update_bias(counts_E)
-            collapse.update(stats.counts)
-        window_steps += 1
-        bar.update(1)
+    cadence = Cadence(run, out_dir=out_dir, logger=logger, watchdog=watchdog, start_step=start_step)
+    for step in range(start_step + 1, cadence.last_step + 1):
 
-        if step % t.log_every == 0 or step == last_step:
-            elapsed = time.perf_counter() - window_start
-            record = {"step": step, **stats.record(), "lr": lr_at(step, t), "grad_norm": grad_norm.item()}
-            record["tokens_per_s"] = tokens_per_step * window_steps / elapsed
-            record["skipped_steps"] = nonfinite.skipped
-            logger.log(record)
-            logger.console(
-                f"step {step:>6} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                f"grad_norm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:,.0f} | "
-                f"aux {record['aux_loss']:.4f} | dropped {record['dropped_frac']:.3f} | "
-                f"max load {max((max(r) for r in record['expert_load']), default=0):.3f}"
-            )
-            for warning in collapse.new_warnings():
-                logger.console(warning)
-            window_start, window_steps = time.perf_counter(), 0
-            last_load = record["expert_load"]
-        stats.reset()
+        def phase(name: str, step: int = step) -> AbstractContextManager:
+            return watchdog.phase(step, WATCHDOG_PHASES.get(name, name))
 
-        if t.eval_every and (step % t.eval_every == 0 or step == last_step):
-            with watchdog.phase(step, "evaluation (forward all-to-all, loss all-reduce)"):
-                val_loss = evaluate(model, data, cfg, mesh, device, autocast)
-            logger.log({"step": step, "val_loss": val_loss})
-            logger.console(f"step {step:>6} | val_loss {val_loss:.4f}")
-            logger.log_expert_heatmap(step, last_load)
-        if (t.ckpt_every and step % t.ckpt_every == 0) or step == last_step:
-            with watchdog.phase(step, "checkpoint save (barriers around the DCP write)"):
-                path = save_checkpoint(
-                    out_dir,
-                    step=step,
-                    model=model,
-                    optimizer_slots=engine.optimizer_slots(),
-                    mesh=mesh,
-                    meta={
-                        "model": model_cfg,
-                        "seed": t.seed,
-                        "data": data.description,
-                        "engine": cfg.engine.name,
-                    },
-                    keep=t.keep_checkpoints,
-                )
-            logger.console(f"step {step:>6} | checkpoint {path}")
-    bar.close()
-    logger.close()
+        cadence.after_step(step, train_step(run, step, phase=phase))
+    cadence.close()
     return out_dir

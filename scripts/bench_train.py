@@ -5,11 +5,11 @@ framework's overhead outside model fwd/bwd and the optimizer.
     torchrun --nproc_per_node 2 scripts/bench_train.py [--json PATH] [key=value ...]
 
 ``key=value`` are Hydra overrides of configs/config.yaml (the default model is configs/model/small_moe.yaml);
-``parallel.ep`` defaults to the world size. The loop body is moe_dist.trainer.train's with a timer around
-each phase (no logging, eval, checkpoints or watchdog thread). Overhead = misc (lr, seed) + data + stats +
-grad sync + grad norm + non-finite check + clip + stats sync; with ``engine.name=deepspeed`` the engine's
-reduce_gradients (sync and norm) and step (clip and optimizer) are timed as one phase each. On CUDA every
-timer synchronises the device, which removes some overlap; on CPU the timers are exact.
+``parallel.ep`` defaults to the world size. Each step is moe_dist.trainer.train_step itself, its phases timed
+through the step's phase hook (no logging, eval, checkpoints or watchdog thread). Overhead = data (lr, seed,
+batch) + stats + reduce_gradients (gradient sync and exact norm) + non-finite check + stats sync; the model
+phases are forward, backward and optimizer (clip, AdamW, zero_grad). On CUDA every timer synchronises the
+device, which removes some overlap; on CPU the timers are exact.
 
 Model FLOPs per token = 6 · (active parameters without the embedding table) + 6 · n_layers · D · S
 (causal attention, QKᵀ and AV, fwd+bwd, half the S×S square). The GEMM rate is measured in the same run,
@@ -20,36 +20,27 @@ backward products, experts at their uniform-routing row counts).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
 import statistics
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from bench_common import source_version
+from bench_common import Floor, PhaseClock, linear_gemm_floor, source_version, timed
 
-from moe_dist.config import Config, validate
-from moe_dist.data import load_tokens, rank_batch
-from moe_dist.distributed import env_world_size, init_distributed
-from moe_dist.engine import NativeEngine, build_engine
-from moe_dist.guards import CollapseDetector, NonFiniteGuard
+from moe_dist.config import Config
+from moe_dist.distributed import env_world_size
 from moe_dist.model.transformer import Transformer, count_parameters
-from moe_dist.moe.layer import MoELayer
-from moe_dist.optim import lr_at
-from moe_dist.parallel.apply import clip_gradients_, global_grad_norm, sync_gradients
-from moe_dist.parallel.mesh import Mesh, build_mesh
-from moe_dist.trainer import StepStats, build_model, lm_loss, resolve_device, step_seed
+from moe_dist.parallel.mesh import Mesh
+from moe_dist.trainer import STEP_PHASES, build_run, train_step
 
-# Phases outside model fwd/bwd and the optimizer: the framework's overhead.
-OVERHEAD_PHASES = ("misc", "data", "stats", "grad_sync", "grad_norm", "nonfinite_check", "clip", "stats_sync")
+# Phases outside model fwd/bwd and the optimizer (clip + AdamW + zero_grad): the framework's overhead.
 MODEL_PHASES = ("forward", "backward", "optimizer")
+OVERHEAD_PHASES = tuple(p for p in STEP_PHASES if p not in MODEL_PHASES)
 
 
 def compose_config(overrides: list[str], *, world: int) -> Config:
@@ -66,39 +57,15 @@ def compose_config(overrides: list[str], *, world: int) -> Config:
         )
 
 
-class PhaseClock:
-    """Accumulates the seconds of named phases; synchronises CUDA at each boundary."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.enabled = True
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        self._sync()
-        t0 = time.perf_counter()
-        yield
-        self._sync()
-        self.seconds[name] += time.perf_counter() - t0
-
-
 def model_flops_per_token(model: Transformer) -> float:
     cfg = model.cfg
     active = count_parameters(model)["active"] - model.tok_embeddings.weight.numel()
     return 6 * active + 6 * cfg.n_layers * cfg.dim * cfg.seq_len
 
 
-def gemm_floors(cfg: Config, mesh: Mesh, device: torch.device) -> dict[str, tuple[Callable[[], None], float]]:
-    """(function, FLOPs) of this model's GEMMs for one micro-batch on this rank (forward and the two backward
-    products of every linear map, experts at their uniform-routing row counts), and of one 1024³ GEMM."""
+def gemm_floors(cfg: Config, mesh: Mesh, device: torch.device) -> dict[str, Floor]:
+    """This model's GEMMs for one micro-batch on this rank (every linear map: forward and both backward
+    products, experts at their uniform-routing row counts), and one 1024³ GEMM."""
     m, moe = cfg.model, cfg.model.moe
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     M = cfg.trainer.micro_batch_size * m.seq_len
@@ -116,144 +83,43 @@ def gemm_floors(cfg: Config, mesh: Mesh, device: torch.device) -> dict[str, tupl
         else:
             shapes += [(M, m.dim, m.ffn_hidden)] * 2 + [(M, m.ffn_hidden, m.dim)]
     shapes.append((M, m.dim, m.vocab_size))  # output head
-    gen = torch.Generator().manual_seed(0)
-    operands = [
-        (
-            torch.randn(r, k, generator=gen).to(device, dtype),
-            torch.randn(k, n, generator=gen).to(device, dtype),
-            torch.randn(r, n, generator=gen).to(device, dtype),
-        )
-        for r, k, n in shapes
-    ]
-
-    def model_gemms() -> None:
-        for x, w, dy in operands:
-            x @ w
-            dy @ w.t()
-            x.t() @ dy
-
-    big = torch.randn(1024, 1024, generator=gen).to(device, dtype)
-
-    def square() -> None:
-        big @ big
-
+    big = torch.randn(1024, 1024).to(device, dtype)
     return {
-        "model_gemm": (model_gemms, sum(3 * 2 * r * k * n for r, k, n in shapes)),
-        "square_1024_gemm": (square, 2 * 1024**3),
+        "model_gemm": linear_gemm_floor(shapes, device=device, dtype=dtype),
+        "square_1024_gemm": Floor(lambda: big @ big, 2 * 1024**3),
     }
-
-
-def timed(fn: Callable[[], None], device: torch.device) -> float:
-    """Seconds of one call, after a barrier (all ranks run their floors at the same time)."""
-    if dist.is_initialized():
-        dist.barrier()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
 
 
 def run(cfg: Config, *, warmup: int, steps: int) -> dict[str, Any]:
     loadavg_start = os.getloadavg()[0]
-    world = env_world_size()
-    validate(cfg, world_size=world)
-    t, mcfg = cfg.trainer, cfg.model
-    data = load_tokens(cfg.data, vocab_size=mcfg.vocab_size, seq_len=mcfg.seq_len)
-    backend = cfg.parallel.backend
-    if backend == "auto":
-        backend = "nccl" if resolve_device(cfg).type == "cuda" else "gloo"
-    device = init_distributed(backend=backend, timeout_s=cfg.parallel.timeout_s)
-    mesh = build_mesh(ep=cfg.parallel.ep, num_experts=mcfg.moe.num_experts)
-    model = build_model(cfg, mesh, device)
-    engine = build_engine(model, engine=cfg.engine, trainer=t, mesh=mesh)
-    native = isinstance(engine, NativeEngine)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    accum_steps = t.global_batch_size // (mesh.world_size * t.micro_batch_size)
-    stats = StepStats(model, device)
-    nonfinite = NonFiniteGuard(t.max_nonfinite_skips)
-    moe_names = [name for name, m in model.named_modules() if isinstance(m, MoELayer)]
-    collapse = CollapseDetector(
-        moe_names, mcfg.moe.num_experts, warn_after=t.collapse_warn_steps, device=device
-    )
+    training = build_run(cfg)
+    t, mesh, device = cfg.trainer, training.mesh, training.device
     clock = PhaseClock(device)
     floors = gemm_floors(cfg, mesh, device)
     floor_times: dict[str, list[float]] = {name: [] for name in floors}
-
-    # The loop body of moe_dist.trainer.train, phase by phase (no logging, eval, checkpoints or watchdog).
-    # With the native engine, reduce_gradients and step are split into their parts to time them apart.
     step_times = []
     for step in range(1, warmup + steps + 1):
         clock.enabled = step > warmup
         t_step = time.perf_counter()
-        with clock("misc"):
-            engine.set_lr(lr_at(step, t))
-            torch.manual_seed(step_seed(t.seed, step, mesh.rank))
-        with clock("data"):
-            inputs, targets = rank_batch(
-                data.train,
-                seed=t.seed,
-                step=step,
-                global_batch_size=t.global_batch_size,
-                seq_len=mcfg.seq_len,
-                rank=mesh.rank,
-                world_size=mesh.world_size,
-            )
-        for i in range(accum_steps):
-            with clock("data"):
-                rows = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
-                mb_in, mb_tg = inputs[rows].to(device), targets[rows].to(device)
-            with clock("forward"), autocast:
-                ce = lm_loss(model, mb_in, mb_tg)
-                loss = (ce + model.moe_loss()) / accum_steps
-            with clock("backward"):
-                engine.backward(loss, last_micro_batch=i == accum_steps - 1)
-            with clock("stats"):
-                stats.add(ce, model)
-        if native:
-            with clock("grad_sync"):
-                sync_gradients(model, mesh)
-            with clock("grad_norm"):
-                grad_norm = global_grad_norm(model, mesh)
-        else:
-            with clock("grad_sync"):  # the engine's reduce_gradients: sync and norm together
-                grad_norm = engine.reduce_gradients()
-        with clock("nonfinite_check"):
-            skip_message = nonfinite.should_skip(step=step, grad_norm=grad_norm.item(), model=model)
-        if skip_message is None:
-            if native:
-                with clock("clip"):
-                    clip_gradients_(model, max_norm=t.grad_clip, total_norm=grad_norm)
-                with clock("optimizer"):
-                    engine.optimizer.step()
-            else:
-                with clock("optimizer"):  # the engine's step: clip and optimizer together
-                    engine.step(grad_norm, max_norm=t.grad_clip)
-        with clock("optimizer"):
-            engine.zero_grad()
+        train_step(training, step, phase=clock)  # the trainer's step, each phase timed
         with clock("stats_sync"):
-            stats.all_reduce(mesh)
-            if skip_message is None:
-                for layer, counts_E in zip(model.moe_layers(), stats.counts):
-                    layer.router.update_bias(counts_E)
-                collapse.update(stats.counts)
             if step % t.log_every == 0:  # what the trainer reads on its logging steps
-                stats.record()
-                collapse.new_warnings()
-            stats.reset()
+                training.stats.record()
+                training.collapse.new_warnings()
+            training.stats.reset()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step > warmup:
             step_times.append(time.perf_counter() - t_step)
         # The floors run between steps, so that they see the same machine as the steps.
-        for name, (fn, _) in floors.items():
-            seconds = timed(fn, device)
+        for name, floor in floors.items():
+            seconds = timed(floor.run, device)
             if step > warmup:
                 floor_times[name].append(seconds)
 
-    floor_rates = {f"{n}_flops_per_s": floors[n][1] / statistics.median(ts) for n, ts in floor_times.items()}
+    floor_rates = {
+        f"{n}_flops_per_s": floors[n].work / statistics.median(ts) for n, ts in floor_times.items()
+    }
     names = [*MODEL_PHASES, *OVERHEAD_PHASES]
     per_step = [clock.seconds[n] / steps for n in names]
     mean_step = sum(step_times) / steps
@@ -270,8 +136,8 @@ def run(cfg: Config, *, warmup: int, steps: int) -> dict[str, Any]:
     mean_step, median_step = values[len(names)], values[len(names) + 1]
     floor_values = dict(zip(floor_rates, values[len(names) + 2 :]))
 
-    tokens_per_step = t.global_batch_size * mcfg.seq_len
-    flops_per_token = model_flops_per_token(model)
+    tokens_per_step = t.global_batch_size * cfg.model.seq_len
+    flops_per_token = model_flops_per_token(training.model)
     achieved = flops_per_token * tokens_per_step / mesh.world_size / mean_step
     overhead = sum(phases[n] for n in OVERHEAD_PHASES)
     return {
@@ -283,9 +149,9 @@ def run(cfg: Config, *, warmup: int, steps: int) -> dict[str, Any]:
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "torch": torch.__version__,
         "moe_dist_source": source_version(),
-        "params": count_parameters(model),
+        "params": count_parameters(training.model),
         "tokens_per_step": tokens_per_step,
-        "micro_batches_per_rank": accum_steps,
+        "micro_batches_per_rank": training.accum_steps,
         "steps": steps,
         "step_mean_s": mean_step,
         "step_median_s": median_step,

@@ -1,40 +1,17 @@
-"""Exports a moe_dist checkpoint (saved at any world size and EP) as a Hugging Face model directory.
+"""Exports a moe_dist checkpoint as a Hugging Face model directory: ``python -m moe_dist.export``, runnable
+from a checkout without installing.
 
     python scripts/export_hf.py runs/demo/checkpoints/step_400 hf_out [--dtype bfloat16]
-    python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('hf_out')"
-
-The architecture is the transformers one that computes the same function (see moe_dist/hf.py); a model
-with no exact counterpart is refused with a message naming the feature.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
-
-from moe_dist.hf import ARCHITECTURES, export_checkpoint
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="checkpoint directory (.../checkpoints/step_N) or run directory")
-    parser.add_argument("out_dir", help="Hugging Face model directory to write")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    args = parser.parse_args(argv)
-    try:
-        model_type, path = export_checkpoint(args.checkpoint, args.out_dir, dtype=DTYPES[args.dtype])
-    except ValueError as err:
-        print(f"export_hf: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"exported {path} as {ARCHITECTURES[model_type]} ({args.dtype}) to {args.out_dir}")
-
+from moe_dist.export import main
 
 if __name__ == "__main__":
     main()

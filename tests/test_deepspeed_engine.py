@@ -19,13 +19,14 @@ from harness import spawn_ranks
 from training_runs import TINY, compose_config, run
 
 from moe_dist.config import EngineConfig, TrainerConfig
-from moe_dist.deepspeed_engine import DeepSpeedEngine, deepspeed_config
-from moe_dist.engine import build_engine
+from moe_dist.engines import build_engine
+from moe_dist.engines.deepspeed import DeepSpeedEngine, deepspeed_config
 from moe_dist.metrics import read_metrics
+from moe_dist.model.build import build_model
 from moe_dist.optim import lr_at
 from moe_dist.parallel.apply import split_parameters
 from moe_dist.parallel.mesh import build_mesh
-from moe_dist.trainer import build_model, lm_loss
+from moe_dist.trainer import lm_loss
 
 STEPS = 6
 TOL = 1e-4

@@ -7,7 +7,8 @@ import torch
 from harness import spawn_ranks
 from training_runs import run
 
-from moe_dist.generate import generate, load_model, main
+from moe_dist.generate import generate, main
+from moe_dist.model.build import load_model
 from moe_dist.parallel.mesh import single_process_mesh
 
 PROMPT = list(b"def ")

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from training_runs import run
 
 from moe_dist.config import ModelConfig, MoEConfig
-from moe_dist.hf import export_checkpoint, export_model, hf_model_type, init_from_hf, model_config_from_hf
+from moe_dist.export import export_checkpoint
+from moe_dist.hf import export_model, hf_model_type, init_from_hf, model_config_from_hf
 from moe_dist.model.transformer import Transformer
 from moe_dist.parallel.apply import parallelize_moe
 from moe_dist.parallel.mesh import single_process_mesh
@@ -109,7 +110,7 @@ def random_model(moe: dict, *, seed: int = 0) -> Transformer:
 
 
 def world2_jobs(rank: int, world_size: int, root: str, mixtral_dir: str) -> dict:
-    from moe_dist.generate import load_model
+    from moe_dist.model.build import load_model
     from moe_dist.parallel.mesh import build_mesh
 
     run(
@@ -157,7 +158,7 @@ def test_export_of_an_ep2_checkpoint_equals_the_same_weights_at_ep1(world2, tmp_
     for key in ours:
         assert torch.equal(ours[key], reference[key]), key
     x = tokens()
-    from moe_dist.generate import load_model
+    from moe_dist.model.build import load_model
 
     model, _ = load_model(root / "ep2", mesh=single_process_mesh(), device=torch.device("cpu"))
     with torch.no_grad():
@@ -186,7 +187,7 @@ def test_export_of_a_trained_checkpoint_loads_in_transformers_with_equal_logits(
     assert model_type == "mixtral" and ckpt.name == "step_2"
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["MixtralForCausalLM"] and config["num_local_experts"] == 4
-    from moe_dist.generate import load_model
+    from moe_dist.model.build import load_model
 
     model, _ = load_model(ckpt, mesh=single_process_mesh(), device=torch.device("cpu"))
     x = tokens(batch=3)

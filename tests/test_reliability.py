@@ -20,11 +20,11 @@ import torch
 from training_runs import TINY, compose_config, run
 
 from moe_dist import checkpoint as ckpt
-from moe_dist.engine import NativeEngine
+from moe_dist.engines.native import NativeEngine
 from moe_dist.guards import CollapseDetector, NonFiniteError
 from moe_dist.metrics import read_metrics
+from moe_dist.model.build import build_model
 from moe_dist.parallel.mesh import single_process_mesh
-from moe_dist.trainer import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO stage 0/1/2 behind moe_dist's engine contract (see moe_dist/engine.py and docs/DEEPSPEED.md).
+"""DeepSpeed ZeRO stage 0/1/2 behind moe_dist's engine contract (see moe_dist/engines/base.py and docs/DEEPSPEED.md).
 
 What DeepSpeed does here: it owns the gradient reduction (reduce-scatter into ZeRO partitions), the fp32 master
 partitions and the AdamW state, partitioned over the world for dense parameters and over the EDP group for
@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_dist.config import EngineConfig, TrainerConfig
-from moe_dist.engine import ADAM_SLOTS, zero_adam_state
+from moe_dist.engines.base import ADAM_SLOTS, zero_adam_state
 from moe_dist.moe.experts import GroupedExperts
 from moe_dist.optim import build_optimizer
 from moe_dist.parallel.apply import global_grad_norm, split_parameters

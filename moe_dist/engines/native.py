@@ -1,36 +1,15 @@
-"""Training engines: what turns a loss into an optimizer step.
-
-Both engines share one contract with the trainer and the checkpoints:
-- ``backward(loss, last_micro_batch=...)`` (the loss already carries the 1/accumulation factor);
-  ``reduce_gradients() -> grad_norm`` (gradients of the global-mean loss, and their exact
-  global L2 norm, identical on all ranks); ``step(grad_norm, max_norm)`` clips with that norm and steps;
-  ``zero_grad()``; ``set_lr(lr)``;
-- ``optimizer_slots()`` → ``{param name: {"step", "exp_avg", "exp_avg_sq"}}`` with full (unpartitioned)
-  per-parameter tensors in moe_dist's layout (expert tensors are this rank's EP shard), and
-  ``load_optimizer_slots(slots)`` to put such tensors back (called after the model weights are loaded).
-  Checkpoints only see this, so they reshard across EP sizes *and* across engines.
-"""
+"""The native engine: plain AdamW, dense gradients all-reduced over the world, experts over EDP."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from moe_dist.config import EngineConfig, TrainerConfig
+from moe_dist.config import TrainerConfig
+from moe_dist.engines.base import ADAM_SLOTS, zero_adam_state
 from moe_dist.optim import build_optimizer, set_lr
 from moe_dist.parallel.apply import clip_gradients_, global_grad_norm, sync_gradients
 from moe_dist.parallel.mesh import Mesh
-
-ADAM_SLOTS = ("step", "exp_avg", "exp_avg_sq")
-
-
-def zero_adam_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """AdamW's slots as torch creates them at the first step (so that a load has tensors to fill)."""
-    return {
-        "step": torch.zeros((), dtype=torch.float32),
-        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-    }
 
 
 class NativeEngine:
@@ -71,11 +50,3 @@ class NativeEngine:
 
     def load_optimizer_slots(self, slots: dict[str, dict[str, torch.Tensor]]) -> None:
         """Nothing to do: ``optimizer_slots`` returned the live tensors, which the load filled in place."""
-
-
-def build_engine(model: nn.Module, *, engine: EngineConfig, trainer: TrainerConfig, mesh: Mesh):
-    if engine.name == "deepspeed":
-        from moe_dist.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, engine=engine, trainer=trainer, mesh=mesh)
-    return NativeEngine(model, trainer=trainer, mesh=mesh)
