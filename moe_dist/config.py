@@ -112,6 +112,20 @@ class LoggingConfig:
 
 
 @dataclass
+class PlanConfig:
+    world_size: int = 8  # GPUs of the planned job (python -m moe_dist.plan); the run's world size
+    gpus_per_node: int = 8  # GPUs per node: NVLink inside a node, the network across nodes
+    gpu: str = "h100"  # hardware constants (moe_dist/hardware.py): a100, h100, h200, b200
+    skew: float = 1.0  # routing: the hottest expert gets skew x the mean token copies (1 = uniform)
+    search: bool = False  # try every feasible (ep, engine, micro-batch, activation checkpointing), rank them
+    depth: str = (
+        "auto"  # "full": run every layer; "auto": two short stacks, extrapolated (searches, deep models)
+    )
+    headroom: float = 0.1  # share of GPU memory kept free (CUDA context, NCCL buffers, fragmentation)
+    json: str | None = None  # also write the plan (or the search) as JSON to this path
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -119,6 +133,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)  # python -m moe_dist.plan only; training ignores it
 
 
 def register_configs() -> None:
@@ -292,3 +307,21 @@ def validate(cfg: Config, *, world_size: int) -> None:
         cfg.logging.wandb.mode,
         f"must be one of {WANDB_MODES}",
     )
+
+
+PLAN_DEPTHS = ("auto", "full")
+
+
+def validate_plan(p: PlanConfig) -> None:
+    """The plan.* keys (python -m moe_dist.plan); the GPU name is checked against moe_dist/hardware.py there."""
+    _require(p.world_size >= 1, "plan.world_size", p.world_size, "must be >= 1")
+    _require(p.gpus_per_node >= 1, "plan.gpus_per_node", p.gpus_per_node, "must be >= 1")
+    _require(
+        p.world_size < p.gpus_per_node or p.world_size % p.gpus_per_node == 0,
+        "plan.world_size",
+        p.world_size,
+        f"must fill whole nodes: a multiple of plan.gpus_per_node={p.gpus_per_node}",
+    )
+    _require(p.skew >= 1.0, "plan.skew", p.skew, "must be >= 1 (1 = uniform routing)")
+    _require(p.depth in PLAN_DEPTHS, "plan.depth", p.depth, f"must be one of {PLAN_DEPTHS}")
+    _require(0 <= p.headroom < 1, "plan.headroom", p.headroom, "must be in [0, 1)")

@@ -95,3 +95,13 @@ def broadcast_json(value, *, device: torch.device | None = None):
         buffer.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
     dist.broadcast(buffer, src=0)
     return json.loads(bytes(buffer.cpu().tolist()).decode())
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (on the host) on ``device`` without a host sync. A plain ``.to("cuda")`` / ``torch.tensor(list,
+    device="cuda")`` copies from pageable memory and then waits for the whole stream (``memcpy_and_sync``): a
+    host-device sync that drains the GPU queue. From pinned memory the copy is asynchronous (the caching host
+    allocator keeps the buffer until it is done)."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)

@@ -20,7 +20,13 @@ from tqdm import tqdm
 from moe_dist.checkpoint import load_checkpoint, save_checkpoint, select_checkpoint, validate_resume
 from moe_dist.config import Config, validate
 from moe_dist.data import TokenSplits, load_tokens, rank_batch
-from moe_dist.distributed import broadcast_json, collective_timeout_s, env_world_size, init_distributed
+from moe_dist.distributed import (
+    broadcast_json,
+    collective_timeout_s,
+    env_world_size,
+    init_distributed,
+    to_device,
+)
 from moe_dist.engines import Engine, build_engine, validate_engine
 from moe_dist.guards import CollapseDetector, NonFiniteGuard, Watchdog
 from moe_dist.metrics import MetricsLogger, truncate_metrics
@@ -99,9 +105,11 @@ class StepStats:
         z = sum((m.stats.z_loss.detach() for m in layers), torch.zeros((), device=self.device))
         dropped = sum(m.stats.num_dropped for m in layers)
         copies = sum(m.stats.num_copies for m in layers)
-        self.scalars += torch.stack(
-            [ce.detach().double(), aux.double(), z.double(), *ce.new_tensor([dropped, copies, 1]).double()]
-        )
+        self.scalars[:3] += torch.stack([ce.detach().double(), aux.double(), z.double()])
+        # Host ints enter as kernel arguments: a new_tensor([...]) copy would sync with the device.
+        self.scalars[3].add_(dropped)
+        self.scalars[4].add_(copies)
+        self.scalars[5].add_(1)
         for i, m in enumerate(layers):
             self.counts[i] += m.stats.counts_E
         self.exchange_rounds = max([self.exchange_rounds] + [m.stats.exchange_rounds for m in layers])
@@ -151,7 +159,7 @@ def build_run(cfg: Config) -> Run:
     """Validates, loads the data, starts the process group, builds the mesh, the model and the engine."""
     world_size = env_world_size()
     validate_run(cfg, world_size=world_size)  # user errors surface here, before any collective or file write
-    t, mcfg = cfg.trainer, cfg.model
+    mcfg = cfg.model
     data = load_tokens(cfg.data, vocab_size=mcfg.vocab_size, seq_len=mcfg.seq_len)
     device = resolve_device(cfg)
     backend = cfg.parallel.backend
@@ -160,6 +168,14 @@ def build_run(cfg: Config) -> Run:
     device = init_distributed(backend=backend, timeout_s=cfg.parallel.timeout_s)
     mesh = build_mesh(ep=cfg.parallel.ep, num_experts=mcfg.moe.num_experts)
     model = build_model(cfg, mesh, device)
+    return assemble_run(cfg, mesh=mesh, device=device, data=data, model=model)
+
+
+def assemble_run(
+    cfg: Config, *, mesh: Mesh, device: torch.device, data: TokenSplits, model: Transformer
+) -> Run:
+    """The engine and the step's state around a built model (moe_dist.plan calls it with fake devices)."""
+    t, mcfg = cfg.trainer, cfg.model
     engine = build_engine(model, engine=cfg.engine, trainer=t, mesh=mesh)
     moe_names = [name for name, m in model.named_modules() if isinstance(m, MoELayer)]
     return Run(
@@ -204,7 +220,10 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
     for i in range(run.accum_steps):
         with phase("data"):
             rows = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
-            micro_inputs, micro_targets = inputs[rows].to(run.device), targets[rows].to(run.device)
+            micro_inputs, micro_targets = (
+                to_device(inputs[rows], run.device),
+                to_device(targets[rows], run.device),
+            )
         with phase("forward"), run.autocast:
             ce = lm_loss(model, micro_inputs, micro_targets)
             loss = (ce + model.moe_loss()) / run.accum_steps

@@ -23,9 +23,23 @@ from moe_dist.parallel.mesh import Mesh
 def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> Transformer:
     """Single-device model on the meta device → sharded by the mesh → materialised → seeded init
     (→ the weights of ``model.init_from``, a local Hugging Face directory, when set)."""
+    return materialise_model(sharded_meta_model(cfg, mesh), cfg, mesh, device)
+
+
+def sharded_meta_model(cfg: Config, mesh: Mesh) -> Transformer:
+    """The first half of ``build_model``: the model on the meta device, sharded over the mesh.
+
+    The planner (moe_dist.plan) calls the two halves apart: this one outside its FakeTensorMode (a module
+    built on meta inside it cannot be moved to a device: its parameters would have to be swapped).
+    """
     with torch.device("meta"):
         model = Transformer(cfg.model)
     parallelize_moe(model, mesh)
+    return model
+
+
+def materialise_model(model: Transformer, cfg: Config, mesh: Mesh, device: torch.device) -> Transformer:
+    """The second half of ``build_model``: on the device, seeded init, then ``model.init_from`` if set."""
     model.to_empty(device=device)
     model.init_weights(cfg.trainer.seed)
     if cfg.model.init_from:

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 
+from moe_dist.distributed import to_device
+
 
 class _AllToAll(torch.autograd.Function):
     """Differentiable all_to_all_single with uneven splits; backward is the reverse exchange."""
@@ -80,6 +82,7 @@ class Plan:
     x_MD: torch.Tensor  # the kept copies, same order
     kept_E: torch.Tensor  # kept copies per global expert on this rank (device)
     counts_PE: list[list[int]] | None  # kept copies per (EP rank, global expert) in the EP group (host)
+    counts_PE_device: torch.Tensor | None  # the same [ep, E] on the device (the all-gather's output)
     kept_host: list[int] | None  # this rank's row of counts_PE (host), when a sync happened
     num_dropped: int | None  # None when dropless
 
@@ -125,6 +128,14 @@ class TokenDispatcher:
         self.recv_budget = recv_budget
         self.ep_rank = dist.get_rank(group) if group is not None else 0
 
+    def counts_to_host(self, counts: torch.Tensor) -> list[int]:
+        """The layer's one device-to-host sync: expert counts ([E], or all-gathered [ep·E]) as a host list.
+
+        A seam: the planner (moe_dist.plan, fake tensors without data) replaces it per dispatcher with the
+        routing it plans for (uniform or skewed); training never touches it.
+        """
+        return counts.tolist()
+
     def plan(
         self,
         x_TD: torch.Tensor,
@@ -137,16 +148,19 @@ class TokenDispatcher:
         T, K = expert_ids_TK.shape
         order_N = sort_copies_by_expert(expert_ids_TK, weights_TK, by_gate=capacity is not None)
         kept_E = counts_E if capacity is None else counts_E.clamp(max=capacity)
-        counts_PE = kept_host = None
+        counts_PE = kept_host = counts_PE_device = None
         if self.group is not None:
             gathered = kept_E.new_empty(self.ep * self.num_experts)
             _all_gather(gathered, kept_E, group=self.group)
+            counts_PE_device = gathered.view(self.ep, self.num_experts)
             # The layer's one device-to-host sync: split sizes must be known on the host.
-            flat = gathered.tolist()
+            flat = self.counts_to_host(gathered)
             counts_PE = [flat[p * self.num_experts : (p + 1) * self.num_experts] for p in range(self.ep)]
             kept_host = counts_PE[self.ep_rank]
         elif capacity is not None:
-            kept_host = kept_E.tolist()  # the one sync: the number of kept rows sizes the gathers below
+            kept_host = self.counts_to_host(
+                kept_E
+            )  # the one sync: the number of kept rows sizes the gathers below
         num_kept = T * K
         if capacity is not None:
             num_kept = sum(kept_host)
@@ -159,6 +173,7 @@ class TokenDispatcher:
             x_MD=x_TD.index_select(0, token_idx_M),
             kept_E=kept_E,
             counts_PE=counts_PE,
+            counts_PE_device=counts_PE_device,
             kept_host=kept_host,
             num_dropped=None if capacity is None else T * K - num_kept,
         )
@@ -210,26 +225,31 @@ class TokenDispatcher:
         )
 
     def exchange_in(
-        self, x_MD: torch.Tensor, counts_PE: list[list[int]]
-    ) -> tuple[torch.Tensor, RoundState, list[int]]:
-        """Sends rows to the ranks owning their experts; returns expert-major received rows."""
+        self, x_MD: torch.Tensor, counts_PE: list[list[int]], counts_PE_device: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, RoundState, list[int], torch.Tensor]:
+        """Sends rows to the ranks owning their experts; returns expert-major received rows and the rows per
+        local expert (host and device). ``counts_PE_device``: ``counts_PE`` already on the device (else copied
+        there asynchronously)."""
         L, P, me = self.num_local, self.ep, self.ep_rank
         send_splits = [sum(counts_PE[me][q * L : (q + 1) * L]) for q in range(P)]
         recv_PL = [counts_PE[p][me * L : (me + 1) * L] for p in range(P)]
         recv_splits = [sum(row) for row in recv_PL]
         x_RD = all_to_all(x_MD, out_splits=recv_splits, in_splits=send_splits, group=self.group)
         tokens_per_expert = [sum(recv_PL[p][e] for p in range(P)) for e in range(L)]
+        if counts_PE_device is not None:
+            lengths_PL = counts_PE_device[:, me * L : (me + 1) * L].to(torch.int64)
+        else:
+            lengths_PL = to_device(torch.tensor(recv_PL, dtype=torch.int64).view(P, L), x_RD.device)
         state = RoundState(send_splits, recv_splits, None)
         if L > 1:
             # Received rows are ordered (source rank, local expert); the experts want (local expert, source).
-            lengths_PL = torch.tensor(recv_PL, dtype=torch.int64, device=x_RD.device)
             src_starts_PL = exclusive_cumsum(lengths_PL.reshape(-1)).view(P, L)
             R = x_RD.shape[0]
             to_expert_major = segment_index(src_starts_PL.t().reshape(-1), lengths_PL.t().reshape(-1), R)
             state.to_src_major_R = torch.empty_like(to_expert_major)
             state.to_src_major_R[to_expert_major] = torch.arange(R, device=x_RD.device)
             x_RD = x_RD.index_select(0, to_expert_major)
-        return x_RD, state, tokens_per_expert
+        return x_RD, state, tokens_per_expert, lengths_PL.sum(dim=0)
 
     def exchange_out(self, y_RD: torch.Tensor, state: RoundState) -> torch.Tensor:
         """Reverse of exchange_in: expert outputs back to the ranks (and row order) they came from."""
@@ -252,8 +272,9 @@ class TokenDispatcher:
     def _exchange_all(self, plan: Plan) -> Dispatched:
         if self.group is None:
             return Dispatched(plan.x_MD, plan.kept_E, plan.kept_host, plan.num_dropped, plan, None)
-        x_RD, state, tokens_host = self.exchange_in(plan.x_MD, plan.counts_PE)
-        tokens_dev = torch.tensor(tokens_host, dtype=torch.int64, device=x_RD.device)
+        x_RD, state, tokens_host, tokens_dev = self.exchange_in(
+            plan.x_MD, plan.counts_PE, plan.counts_PE_device
+        )
         return Dispatched(x_RD, tokens_dev, tokens_host, plan.num_dropped, plan, state)
 
     def combine(self, y_RD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
@@ -277,22 +298,21 @@ class TokenDispatcher:
         rounds = self.num_rounds(plan)
         if rounds == 1:
             d = self._exchange_all(plan)
-            return self.combine(experts(d.x_RD, d.tokens_per_expert_L, d.tokens_per_expert_host), d), plan, 1
+            y_RD = experts(
+                d.x_RD, d.tokens_per_expert_L, d.tokens_per_expert_host, to_host=self.counts_to_host
+            )
+            return self.combine(y_RD, d), plan, 1
 
         out_TD = x_TD.new_zeros((plan.num_tokens, x_TD.shape[-1]), dtype=torch.float32)
         starts_E = exclusive_cumsum(plan.kept_E)
         for r in range(rounds):
             counts_PE, offsets = self._round_pieces(plan, rounds, r)
             lengths = counts_PE[self.ep_rank]
-            rows = segment_index(
-                starts_E + torch.tensor(offsets, device=starts_E.device),
-                torch.tensor(lengths, device=starts_E.device),
-                sum(lengths),
-            )
+            offsets_lengths = to_device(torch.tensor([offsets, lengths], dtype=torch.int64), starts_E.device)
+            rows = segment_index(starts_E + offsets_lengths[0], offsets_lengths[1], sum(lengths))
 
             def one_round(x_MD, counts_PE=counts_PE):
-                x_RD, state, tokens_host = self.exchange_in(x_MD, counts_PE)
-                tokens_dev = torch.tensor(tokens_host, dtype=torch.int64, device=x_RD.device)
+                x_RD, state, tokens_host, tokens_dev = self.exchange_in(x_MD, counts_PE)
                 return self.exchange_out(experts(x_RD, tokens_dev, tokens_host), state)
 
             # Recomputed in backward (same order on every rank): only this round's rows are ever received.

@@ -6,6 +6,8 @@ Weights: ``w_gate_up`` [L, D, 2F] (gate and up projections fused along the last 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,6 +64,8 @@ class GroupedExperts(nn.Module):
         x_RD: torch.Tensor,
         tokens_per_expert_L: torch.Tensor,
         tokens_per_expert_host: list[int] | None = None,
+        *,
+        to_host: Callable[[torch.Tensor], list[int]] = torch.Tensor.tolist,
     ) -> torch.Tensor:
         dtype = (
             torch.get_autocast_dtype(x_RD.device.type)
@@ -77,7 +81,7 @@ class GroupedExperts(nn.Module):
             y_RD = F.grouped_mm(F.silu(gate) * up, w_down, offs=offsets_L)
             return _ContiguousGrad.apply(y_RD)
         if tokens_per_expert_host is None:
-            tokens_per_expert_host = tokens_per_expert_L.tolist()  # host sync: the loop needs the split sizes
+            tokens_per_expert_host = to_host(tokens_per_expert_L)  # host sync: the loop needs the split sizes
         outs = []
         for e, x_D in enumerate(torch.split(x_RD, tokens_per_expert_host)):
             gate, up = (x_D @ w_gate_up[e]).chunk(2, dim=-1)

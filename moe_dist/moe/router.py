@@ -93,7 +93,10 @@ class Router(nn.Module):
         zero = logits_TE.new_zeros(())
         if self.aux_loss_coef == 0 and self.z_loss_coef == 0:
             return zero, zero
-        stats = torch.cat([counts_E.float(), logits_TE.new_tensor([num_tokens])])
+        # torch.full, not new_tensor([num_tokens]): a host-to-device copy would sync (a fill does not).
+        stats = torch.cat(
+            [counts_E.float(), torch.full((1,), num_tokens, dtype=torch.float32, device=counts_E.device)]
+        )
         if self.dp_group is not None:
             dist.all_reduce(stats, group=self.dp_group)
         global_counts_E, global_tokens = stats[:-1], stats[-1]

@@ -1,0 +1,135 @@
+"""One planned rank: the real training step of moe_dist on fake CUDA devices, with a fake process group.
+
+The model is built by the trainer's own functions (model/build.py: the sharded meta model, then materialised
+on ``cuda`` inside FakeTensorMode), the engine and the step state by ``trainer.assemble_run``, and one optimizer
+step runs through ``trainer.train_step`` with its phase hook: the same code as a training job, on tensors
+without data. What differs from a GPU job is said where it happens:
+- the process group is torch's ``fake`` backend (collectives check nothing and move nothing);
+- the routing comes from the plan (planning/routing.py), through the dispatcher's seam;
+- scalar reads are answered by the recorder (1 / 1.0 / True: the grad norm is finite, no step is skipped);
+- SDPA is routed to the fused kernel a GPU would pick (recorder.FusedSDPA);
+- the optimizer state exists before the step (steady state, as from the second step on);
+- backward runs on the calling thread (autograd's per-device threads lack the fake mode's thread-local state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from moe_dist.config import Config
+from moe_dist.data import TokenSplits
+from moe_dist.hardware import GPU
+from moe_dist.model.build import materialise_model, sharded_meta_model
+from moe_dist.parallel.mesh import build_mesh
+from moe_dist.planning.fake_cuda import fake_cuda_env
+from moe_dist.planning.recorder import Collective, FusedSDPA, Kernel, MemoryStats, StepRecorder, Sync
+from moe_dist.planning.routing import PlannedRouting
+from moe_dist.trainer import assemble_run, train_step, validate_run
+
+
+@dataclass
+class RankTrace:
+    """What one rank did in one optimizer step."""
+
+    rank: int
+    ep_rank: int
+    events: list[Kernel | Collective | Sync]
+    memory: MemoryStats
+    static: dict[
+        str, int
+    ]  # bytes by category once the gradients are reduced (params, grads, optimizer state)
+    syncs: dict[str, int]
+    local_params: int  # parameter elements held by this rank
+    micro_batch_size: int
+    accum_steps: int
+    seconds: float  # wall time of the fake run
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int, rank: int) -> Iterator[None]:
+    """torch's in-process fake backend: any world size, collectives that return at once (no group at world 1,
+    as in training)."""
+    if world_size == 1:
+        yield
+        return
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def planning_config(cfg: Config) -> Config:
+    """The run config as the planner runs it: nothing loaded from disk, nothing logged."""
+    model = dataclasses.replace(cfg.model, init_from=None)
+    trainer = dataclasses.replace(cfg.trainer, resume="none", progress_bar=False)
+    return dataclasses.replace(cfg, model=model, trainer=trainer)
+
+
+def plan_rank(cfg: Config, *, rank: int, gpu: GPU, skew: float) -> RankTrace:
+    """Runs one optimizer step of ``cfg`` as rank ``rank`` of ``cfg.plan.world_size`` on fake GPUs."""
+    cfg = planning_config(cfg)
+    world_size = cfg.plan.world_size
+    validate_run(cfg, world_size=world_size)
+    started = time.perf_counter()
+    logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
+    env = dict(device_count=cfg.plan.gpus_per_node, total_memory=int(gpu.memory_bytes), name=gpu.name)
+    with fake_process_group(world_size, rank), fake_cuda_env(**env) as streams:
+        mesh = build_mesh(ep=cfg.parallel.ep, num_experts=cfg.model.moe.num_experts, device_type="cuda")
+        model = sharded_meta_model(cfg, mesh)  # outside the fake mode (model/build.py says why)
+        recorder = StepRecorder(rank=rank, streams=streams)
+        tokens = cfg.trainer.micro_batch_size * cfg.model.seq_len
+        PlannedRouting(tokens=tokens, skew=skew, on_sync=recorder.host_sync).install(model)
+        # Any token stream of the right dtype: values never matter, shapes do.
+        data = TokenSplits(
+            train=torch.zeros(cfg.model.seq_len + 2, dtype=torch.int64),
+            val=torch.zeros(cfg.model.seq_len + 2, dtype=torch.int64),
+            description="planner (no data)",
+        )
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            device = torch.device("cuda", 0)
+            materialise_model(model, cfg, mesh, device)
+            run = assemble_run(cfg, mesh=mesh, device=device, data=data, model=model)
+            slots = run.engine.optimizer_slots()  # the state AdamW holds from its first step on
+            recorder.track("parameters", model.parameters())
+            recorder.track("buffers", model.buffers())
+            recorder.track("optimizer_state", [t for slot in slots.values() for t in slot.values()])
+            del slots
+            static: dict[str, int] = {}
+
+            @contextlib.contextmanager
+            def phase(name: str) -> Iterator[None]:
+                recorder.phase = name
+                yield
+                if name == "backward":
+                    recorder.recategorize("gradients", [p.grad for p in model.parameters()])
+                elif name == "reduce_gradients":
+                    static.update({k: v for k, v in recorder.live.items() if v})
+
+            with recorder, FusedSDPA(), torch.autograd.set_multithreading_enabled(False):
+                train_step(run, 1, phase=phase)
+            memory = recorder.memory()
+            local_params = sum(p.numel() for p in model.parameters())
+            return RankTrace(
+                rank=rank,
+                ep_rank=mesh.ep_rank,
+                events=recorder.events,
+                memory=memory,
+                static=static,
+                syncs=dict(recorder.syncs),
+                local_params=local_params,
+                micro_batch_size=cfg.trainer.micro_batch_size,
+                accum_steps=run.accum_steps,
+                seconds=time.perf_counter() - started,
+            )
