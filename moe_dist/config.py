@@ -123,6 +123,9 @@ class PlanConfig:
     )
     headroom: float = 0.1  # share of GPU memory kept free (CUDA context, NCCL buffers, fragmentation)
     json: str | None = None  # also write the plan (or the search) as JSON to this path
+    device: str = (
+        "cuda"  # "cuda": plan a GPU job; "cpu": a CPU (gloo) job: memory, traffic, syncs, no roofline
+    )
 
 
 @dataclass
@@ -325,3 +328,4 @@ def validate_plan(p: PlanConfig) -> None:
     _require(p.skew >= 1.0, "plan.skew", p.skew, "must be >= 1 (1 = uniform routing)")
     _require(p.depth in PLAN_DEPTHS, "plan.depth", p.depth, f"must be one of {PLAN_DEPTHS}")
     _require(0 <= p.headroom < 1, "plan.headroom", p.headroom, "must be in [0, 1)")
+    _require(p.device in ("cuda", "cpu"), "plan.device", p.device, "must be cuda or cpu")

@@ -63,7 +63,7 @@ def _build(torch_dir: Path) -> Path:
             f"torch's C++ headers are missing under {include}: the planner compiles a small shim against them "
             "(a torch wheel from PyPI ships them)"
         )
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    compiler = shutil.which(os.environ.get("CXX") or "g++") or shutil.which("c++")
     if compiler is None:
         raise ShimError(
             "no C++ compiler found (g++): the planner compiles a 70-line shim once to fake CUDA devices on this "

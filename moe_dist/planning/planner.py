@@ -15,14 +15,15 @@ from fractions import Fraction
 
 import torch
 
-from moe_dist.config import Config, validate_plan
+from moe_dist.config import ENGINES, Config, validate_plan
 from moe_dist.hardware import GPU, Overheads, gpu
 from moe_dist.model.transformer import Transformer, count_parameters
 from moe_dist.planning.flops import forward_flops, model_flops_per_token, moe_layer_ids, training_flops
-from moe_dist.planning.rank import RankTrace, plan_rank
+from moe_dist.planning.rank import RankTrace, plan_rank, planning_config
 from moe_dist.planning.recorder import Collective, Kernel
 from moe_dist.planning.roofline import Layout, RankTime, Rates, simulate
 from moe_dist.planning.routing import max_skew, skewed_counts
+from moe_dist.trainer import validate_run
 
 GiB = 2**30
 
@@ -40,6 +41,7 @@ class Role:
     peak_bytes: int
     peak_phase: str
     phase_peak: dict[str, int]  # the most bytes live during each step phase
+    activations_peak: int  # the most bytes of forward activations live at once
     static: dict[str, int]  # bytes by category once the gradients are reduced
     syncs: dict[str, int]
     counted_flops: int  # per optimizer step, as recorded op by op
@@ -74,7 +76,8 @@ class Plan:
         return self.peak_bytes <= self.usable_bytes
 
     def step_s(self, which: str = "estimate") -> float:
-        return max(getattr(r, which).step_s for r in self.roles)
+        """Predicted seconds per optimizer step (nan for CPU plans: no roofline)."""
+        return max(getattr(r, which).step_s for r in self.roles) or math.nan
 
     def tokens_per_s_per_gpu(self, which: str = "estimate") -> float:
         return self.tokens_per_step / self.step_s(which) / self.cfg.plan.world_size
@@ -87,9 +90,18 @@ class Plan:
 
 
 def check_inputs(cfg: Config) -> GPU:
-    """Every plan.* input, before anything runs; ValueError naming the key and the value."""
+    """Every input, before anything runs; ValueError naming the key and the value."""
     validate_plan(cfg.plan)
     hw = gpu(cfg.plan.gpu)
+    validate_run(planning_config(cfg), world_size=cfg.plan.world_size)
+    leanest, how = leanest_static_bytes(cfg)
+    if leanest > hw.memory_bytes:
+        W = cfg.plan.world_size
+        raise ValueError(
+            f"plan.world_size={W}: this model cannot fit on {W} x {cfg.plan.gpu} at all: its parameters, "
+            f"gradients and AdamW state alone need {leanest / GiB:,.1f} GiB per GPU {how}, of "
+            f"{hw.memory_bytes / GiB:,.1f} GiB (more GPUs, or a larger GPU)"
+        )
     moe = cfg.model.moe
     if moe.num_experts > 0 and moe.router != "soft":
         limit = max_skew(top_k=moe.top_k, num_experts=moe.num_experts)
@@ -98,6 +110,42 @@ def check_inputs(cfg: Config) -> GPU:
                 f"plan.skew={cfg.plan.skew}: at most num_experts / top_k = {limit:g} (a token picks an expert once)"
             )
     return hw
+
+
+def param_counts(cfg: Config) -> tuple[int, int]:
+    """(dense, routed expert) parameters of the whole model."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    expert = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    return sum(p.numel() for p in model.parameters()) - expert, expert
+
+
+def static_bytes(cfg: Config, *, dense: int, expert: int) -> float:
+    """Parameters + gradients + AdamW state per GPU of ``cfg``'s layout (a lower bound: no activations)."""
+    W, ep = cfg.plan.world_size, cfg.parallel.ep
+    width = 8 if getattr(cfg.trainer, "precision", "auto") == "fp64" else 4  # fp32 master weights otherwise
+    if cfg.engine.name == "fsdp":
+        return 4 * width * (dense + expert) / W
+    local = dense + expert / ep
+    if cfg.engine.name == "deepspeed" and cfg.engine.zero_stage > 0:
+        edp = W // ep
+        state = 2 * width * (dense / W + expert / ep / edp)
+        grads = width * (dense / W + expert / ep / edp) if cfg.engine.zero_stage == 2 else width * local
+        return width * local + grads + state
+    return 4 * width * local
+
+
+def leanest_static_bytes(cfg: Config) -> tuple[float, str]:
+    """The least parameter + gradient + AdamW bytes per GPU any layout moe_dist offers reaches at this world
+    size, and how (fully sharded when an engine shards everything, else experts over the widest EP)."""
+    dense, expert = param_counts(cfg)
+    W, E = cfg.plan.world_size, cfg.model.moe.num_experts
+    if "fsdp" in ENGINES:
+        fsdp = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, name="fsdp"))
+        return static_bytes(fsdp, dense=dense, expert=expert), f"fully sharded over {W} GPUs"
+    ep = max((d for d in range(1, W + 1) if W % d == 0 and (E % d == 0 if E else d == 1)), default=1)
+    widest = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, ep=ep))
+    return static_bytes(widest, dense=dense, expert=expert), f"with the experts over ep={ep}"
 
 
 def expert_rows(cfg: Config, *, ep_rank: int, skew: float) -> tuple[list[int], int]:
@@ -137,15 +185,22 @@ def plan_depths(cfg: Config) -> list[int]:
     return [period, 2 * period]
 
 
-def _run_roles(cfg: Config, hw: GPU, overheads: Overheads) -> list[Role]:
+def _run_roles(
+    cfg: Config, hw: GPU, overheads: Overheads, replay: dict[int, list] | None = None
+) -> list[Role]:
     """Runs every role at ``cfg.model.n_layers`` and replays their steps together."""
+    roles = plan_roles(cfg) if replay is None else [(rank, f"rank {rank}") for rank in sorted(replay)]
     traces = [
-        (label, plan_rank(cfg, rank=rank, gpu=hw, skew=cfg.plan.skew)) for rank, label in plan_roles(cfg)
+        (label, plan_rank(cfg, rank=rank, gpu=hw, skew=cfg.plan.skew, replay=replay and replay[rank]))
+        for rank, label in roles
     ]
     layout = Layout(cfg.plan.world_size, cfg.plan.gpus_per_node)
     ranks = [t.rank for _, t in traces]
     times = {}
     for which, derated in (("estimate", True), ("roofline", False)):
+        if cfg.plan.device != "cuda":  # no roofline for CPU jobs
+            times[which] = [RankTime() for _ in traces]
+            continue
         rates = Rates(hw, derated=derated, overheads=overheads)
         times[which] = simulate([t.events for _, t in traces], ranks=ranks, layout=layout, rates=rates)
     roles = []
@@ -168,6 +223,7 @@ def _summarise(trace: RankTrace, cfg: Config, label, rows, rounds, estimate, roo
         peak_bytes=trace.memory.peak,
         peak_phase=trace.memory.peak_phase,
         phase_peak=dict(trace.memory.phase_peak),
+        activations_peak=trace.memory.category_peak.get("activations", 0),
         static=dict(trace.static),
         syncs=dict(trace.syncs),
         counted_flops=sum(e.flops for e in trace.events if isinstance(e, Kernel)),
@@ -206,6 +262,7 @@ def _extrapolate(short: Role, long: Role, *, depths: list[int], cfg: Config) -> 
         peak_bytes=phase_peak[peak_phase],
         peak_phase=peak_phase,
         phase_peak=phase_peak,
+        activations_peak=lerp(short.activations_peak, long.activations_peak),
         static=lerp(short.static, long.static),
         syncs=lerp(short.syncs, long.syncs),
         counted_flops=lerp(short.counted_flops, long.counted_flops),
@@ -225,13 +282,18 @@ def _counts(row: dict) -> dict:
     return {k: v for k, v in row.items() if isinstance(v, int)}
 
 
-def make_plan(cfg: Config, *, overheads: Overheads | None = None) -> Plan:
-    """Runs one optimizer step per role on fake GPUs and turns the recordings into a plan."""
+def make_plan(
+    cfg: Config, *, overheads: Overheads | None = None, replay: dict[int, list[list[int]]] | None = None
+) -> Plan:
+    """Runs one optimizer step per role on fake GPUs and turns the recordings into a plan. ``replay``: per
+    rank, the routing counts a real run read (then those ranks are planned, at full depth, with that routing)."""
     hw = check_inputs(cfg)
     overheads = overheads or Overheads()
-    depths = plan_depths(cfg)
+    depths = plan_depths(cfg) if replay is None else [cfg.model.n_layers]
     runs = [
-        _run_roles(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=d)), hw, overheads)
+        _run_roles(
+            dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=d)), hw, overheads, replay
+        )
         for d in depths
     ]
     roles = runs[0] if len(runs) == 1 else [_extrapolate(a, b, depths=depths, cfg=cfg) for a, b in zip(*runs)]
@@ -347,10 +409,7 @@ def render(plan: Plan) -> str:
     for key, label in (("parameters", "parameters"), ("gradients", "gradients"),
                        ("optimizer_state", "optimizer state")):  # fmt: skip
         lines.append(f"  {label:<22}" + "".join(f"{_gib(r.static.get(key, 0)):>22}" for r in plan.roles))
-    lines.append(
-        "  activations (peak)    "
-        + "".join(f"{_gib(r.phase_peak.get('forward', 0) - _static(r)):>22}" for r in plan.roles)
-    )
+    lines.append("  activations (peak)    " + "".join(f"{_gib(r.activations_peak):>22}" for r in plan.roles))
     lines.append(
         "  peak                  "
         + "".join(f"{_gib(r.peak_bytes) + ' ' + r.peak_phase:>22}" for r in plan.roles)
@@ -379,8 +438,24 @@ def render(plan: Plan) -> str:
             f"{_bytes(row['recv_bytes']):>12} {_bytes(row['nvlink_bytes']):>14} / {_bytes(row['network_bytes'])}"
             + (f"  ({row['overlapped_calls']} overlapped)" if row["overlapped_calls"] else "")
         )
+    if p.device != "cuda":
+        lines += ["", "plan.device=cpu: no step time (the roofline models GPUs)."]
+    else:
+        lines += _render_time(plan)
+    lines += [
+        "",
+        f"planned in {sum(r.seconds for r in plan.roles):.1f} s: {len(plan.roles)} of {W} ranks ran the training "
+        "step on fake devices (ranks with the same EP position see the same routing)",
+        *plan.notes,
+        "These are predictions from fake-device runs and a roofline with stated constants (moe_dist/hardware.py), "
+        "not measurements.",
+    ]
+    return "\n".join(lines)
+
+
+def _render_time(plan: Plan) -> list[str]:
     est, roof = _slowest(plan, "estimate"), _slowest(plan, "roofline")
-    lines += ["", "step time (ms)                estimate    roofline"]
+    lines = ["", "step time (ms)                estimate    roofline"]
     lines.append(
         f"  step                    {_ms(plan.step_s('estimate')):>12}{_ms(plan.step_s('roofline')):>12}"
     )
@@ -400,19 +475,7 @@ def render(plan: Plan) -> str:
         f"{plan.model_tflops_per_gpu('roofline'):>12,.1f}"
     )
     lines.append(f"  MFU (bf16 peak)         {plan.mfu('estimate'):>12.1%}{plan.mfu('roofline'):>12.1%}")
-    lines += [
-        "",
-        f"planned in {sum(r.seconds for r in plan.roles):.1f} s: {len(plan.roles)} of {W} ranks ran the training "
-        "step on fake GPUs (ranks with the same EP position see the same routing)",
-        *plan.notes,
-        "These are predictions from a roofline with stated constants (moe_dist/hardware.py), not measurements.",
-    ]
-    return "\n".join(lines)
-
-
-def _static(role: Role) -> int:
-    s = role.static
-    return s.get("parameters", 0) + s.get("buffers", 0) + s.get("optimizer_state", 0)
+    return lines
 
 
 def _slowest(plan: Plan, which: str) -> RankTime:

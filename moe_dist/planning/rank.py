@@ -32,7 +32,7 @@ from moe_dist.model.build import materialise_model, sharded_meta_model
 from moe_dist.parallel.mesh import build_mesh
 from moe_dist.planning.fake_cuda import fake_cuda_env
 from moe_dist.planning.recorder import Collective, FusedSDPA, Kernel, MemoryStats, StepRecorder, Sync
-from moe_dist.planning.routing import PlannedRouting
+from moe_dist.planning.routing import PlannedRouting, ReplayedRouting
 from moe_dist.trainer import assemble_run, train_step, validate_run
 
 
@@ -77,20 +77,28 @@ def planning_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=model, trainer=trainer)
 
 
-def plan_rank(cfg: Config, *, rank: int, gpu: GPU, skew: float) -> RankTrace:
-    """Runs one optimizer step of ``cfg`` as rank ``rank`` of ``cfg.plan.world_size`` on fake GPUs."""
+def plan_rank(
+    cfg: Config, *, rank: int, gpu: GPU, skew: float, replay: list[list[int]] | None = None
+) -> RankTrace:
+    """Runs one optimizer step of ``cfg`` as rank ``rank`` of ``cfg.plan.world_size`` on fake GPUs (or fake
+    CPUs: plan.device=cpu). ``replay``: routing counts recorded on this rank of a real run, in call order,
+    instead of the planned routing."""
     cfg = planning_config(cfg)
     world_size = cfg.plan.world_size
     validate_run(cfg, world_size=world_size)
     started = time.perf_counter()
     logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
     env = dict(device_count=cfg.plan.gpus_per_node, total_memory=int(gpu.memory_bytes), name=gpu.name)
+    device_type = cfg.plan.device
     with fake_process_group(world_size, rank), fake_cuda_env(**env) as streams:
-        mesh = build_mesh(ep=cfg.parallel.ep, num_experts=cfg.model.moe.num_experts, device_type="cuda")
+        mesh = build_mesh(ep=cfg.parallel.ep, num_experts=cfg.model.moe.num_experts, device_type=device_type)
         model = sharded_meta_model(cfg, mesh)  # outside the fake mode (model/build.py says why)
-        recorder = StepRecorder(rank=rank, streams=streams)
+        recorder = StepRecorder(device_type=device_type, rank=rank, streams=streams)
         tokens = cfg.trainer.micro_batch_size * cfg.model.seq_len
-        PlannedRouting(tokens=tokens, skew=skew, on_sync=recorder.host_sync).install(model)
+        if replay is not None:
+            ReplayedRouting(replay, on_sync=recorder.host_sync).install(model)
+        else:
+            PlannedRouting(tokens=tokens, skew=skew, on_sync=recorder.host_sync).install(model)
         # Any token stream of the right dtype: values never matter, shapes do.
         data = TokenSplits(
             train=torch.zeros(cfg.model.seq_len + 2, dtype=torch.int64),
@@ -98,7 +106,7 @@ def plan_rank(cfg: Config, *, rank: int, gpu: GPU, skew: float) -> RankTrace:
             description="planner (no data)",
         )
         with FakeTensorMode(allow_non_fake_inputs=True):
-            device = torch.device("cuda", 0)
+            device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
             materialise_model(model, cfg, mesh, device)
             run = assemble_run(cfg, mesh=mesh, device=device, data=data, model=model)
             slots = run.engine.optimizer_slots()  # the state AdamW holds from its first step on

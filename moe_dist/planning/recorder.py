@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 aten = torch.ops.aten
-BLOCK = 512  # the CUDA caching allocator rounds every block up to this
+CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to this (CPU: exact sizes)
 
 # Ops that allocate without a kernel, and ops that are only host bookkeeping.
 NO_KERNEL = {
@@ -158,7 +158,8 @@ class MemoryStats:
     peak: int = 0
     peak_phase: str = ""
     at_peak: dict[str, int] = field(default_factory=dict)
-    phase_peak: dict[str, int] = field(default_factory=dict)
+    phase_peak: dict[str, int] = field(default_factory=dict)  # the most bytes live during each step phase
+    category_peak: dict[str, int] = field(default_factory=dict)  # the most bytes of each category at once
     live: dict[str, int] = field(default_factory=dict)
 
 
@@ -169,6 +170,7 @@ class StepRecorder(TorchDispatchMode):
     def __init__(self, *, device_type: str = "cuda", rank: int, streams=None, answer_scalars: bool = True):
         super().__init__()
         self.device_type, self.rank, self.streams = device_type, rank, streams
+        self.block = CUDA_BLOCK if device_type == "cuda" else 1
         self.answer_scalars = answer_scalars
         self.phase = "setup"
         self.events: list[Kernel | Collective | Sync] = []
@@ -191,6 +193,8 @@ class StepRecorder(TorchDispatchMode):
         self.live[category] += delta
         self.total += delta
         if delta > 0:
+            if self.live[category] > self.mem.category_peak.get(category, 0):
+                self.mem.category_peak[category] = self.live[category]
             if self.total > self.mem.phase_peak.get(self.phase, 0):
                 self.mem.phase_peak[self.phase] = self.total
             if self.total > self.mem.peak:
@@ -209,7 +213,7 @@ class StepRecorder(TorchDispatchMode):
             return entry
         category = category or PHASE_CATEGORY.get(self.phase, "temp")
         self._serial += 1
-        entry = [None, category, -(-storage.nbytes() // BLOCK) * BLOCK, self._serial]
+        entry = [None, category, -(-storage.nbytes() // self.block) * self.block, self._serial]
 
         def freed(_, key=key, entry=entry):
             if self._storages.get(key) is entry:
@@ -232,16 +236,24 @@ class StepRecorder(TorchDispatchMode):
         for t in tensors:
             entry = self._entry(t, category) if t is not None else None
             if entry is not None and entry[1] != category:
-                self.live[entry[1]] -= entry[2]
-                self.live[category] += entry[2]
+                self._bump(entry[1], -entry[2])
                 entry[1] = category
+                self._bump(category, entry[2])
 
     def memory(self) -> MemoryStats:
         self.mem.live = {k: v for k, v in self.live.items() if v}
         return self.mem
 
     # ---- syncs --------------------------------------------------------------------------------------
+    def _host_resident(self, t: torch.Tensor) -> bool:
+        """AdamW's step counters: on the host in a GPU job too (non-capturable AdamW), so reading them does not
+        sync; only a CPU plan sees them on its device."""
+        entry = self._storages.get(id(t.untyped_storage()))
+        return entry is not None and entry[1] == "optimizer_state" and t.numel() == 1
+
     def host_sync(self, what: str) -> None:
+        if self.phase == "data":  # host work on the host-resident token stream: no device involved
+            return
         self.syncs[what] += 1
         self.events.append(Sync(self.phase, what))
 
@@ -266,7 +278,7 @@ class StepRecorder(TorchDispatchMode):
             entry = recorder._storages.get(id(storage))
             out = recorder._orig_resize(storage, size)
             if entry is not None:
-                new = -(-storage.nbytes() // BLOCK) * BLOCK
+                new = -(-storage.nbytes() // self.block) * self.block
                 recorder._bump(entry[1], new - entry[2])
                 entry[2] = new
             return out
@@ -286,7 +298,7 @@ class StepRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is aten._local_scalar_dense.default:
-            if self._on_device(args[0]) and not self._in_tolist:
+            if self._on_device(args[0]) and not self._in_tolist and not self._host_resident(args[0]):
                 self.host_sync("item")
             if self.answer_scalars:
                 dtype = args[0].dtype

@@ -60,3 +60,24 @@ class PlannedRouting:
             return row * (counts.numel() // len(row))  # [E], or the all-gathered [ep * E]
 
         return counts_to_host
+
+
+class ReplayedRouting:
+    """Answers the dispatchers' count reads with recorded ones, in call order (validation against a real run:
+    the same routing, so the same all-to-all bytes)."""
+
+    def __init__(self, answers: list[list[int]], *, on_sync=None):
+        self.answers, self.on_sync = list(answers), on_sync
+
+    def install(self, model: nn.Module) -> int:
+        layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        for layer in layers:
+            layer.dispatcher.counts_to_host = self._next
+        return len(layers)
+
+    def _next(self, counts) -> list[int]:
+        answer = self.answers.pop(0)
+        assert len(answer) == counts.numel(), (len(answer), tuple(counts.shape))
+        if self.on_sync is not None:
+            self.on_sync("routing_counts")
+        return answer
