@@ -93,6 +93,11 @@ def check_inputs(cfg: Config) -> GPU:
     """Every input, before anything runs; ValueError naming the key and the value."""
     validate_plan(cfg.plan)
     hw = gpu(cfg.plan.gpu)
+    if cfg.engine.name == "deepspeed":
+        raise ValueError(
+            "engine.name='deepspeed': cannot be planned: DeepSpeed chooses its accelerator from the real hardware "
+            "and moves the model there; plan engine=native (or fsdp), and see docs/DEEPSPEED.md for ZeRO's state"
+        )
     validate_run(planning_config(cfg), world_size=cfg.plan.world_size)
     leanest, how = leanest_static_bytes(cfg)
     if leanest > hw.memory_bytes:
