@@ -38,9 +38,14 @@ def sharded_meta_model(cfg: Config, mesh: Mesh) -> Transformer:
     return model
 
 
-def materialise_model(model: Transformer, cfg: Config, mesh: Mesh, device: torch.device) -> Transformer:
-    """The second half of ``build_model``: on the device, seeded init, then ``model.init_from`` if set."""
+def materialise_model(
+    model: Transformer, cfg: Config, mesh: Mesh, device: torch.device, *, init: bool = True
+) -> Transformer:
+    """The second half of ``build_model``: on the device, seeded init, then ``model.init_from`` if set.
+    ``init=False`` leaves the values undefined (the planner's fake tensors have none)."""
     model.to_empty(device=device)
+    if not init:
+        return model
     model.init_weights(cfg.trainer.seed)
     if cfg.model.init_from:
         from moe_dist.hf import init_from_hf

@@ -141,8 +141,42 @@ class StreamTracker:
         return bool(self.stack) and id(self.stack[-1]) in self.side
 
 
+def _cuda_factories_into(fake_mode):
+    """A TorchFunctionMode: tensor factories asked for a cuda device while ``fake_mode`` is not active (FSDP2
+    allocates an empty all-gather buffer when ``fully_shard`` runs on the meta model) run inside it, as a CUDA
+    build would create them on the device."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    factories = {
+        torch.empty,
+        torch.zeros,
+        torch.ones,
+        torch.full,
+        torch.empty_strided,
+        torch.tensor,
+        torch.arange,
+    }
+
+    class CudaFactoriesIntoFakeMode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            device = kwargs.get("device")
+            on_cuda = func in factories and device is not None and torch.device(device).type == "cuda"
+            if on_cuda and not any(isinstance(m, FakeTensorMode) for m in _get_current_dispatch_mode_stack()):
+                with fake_mode:
+                    return func(*args, **kwargs)
+            return func(*args, **kwargs)
+
+    return CudaFactoriesIntoFakeMode()
+
+
 @contextlib.contextmanager
-def fake_cuda_env(*, device_count: int, total_memory: int, name: str = "fake-gpu", capability=(9, 0)):
+def fake_cuda_env(
+    *, device_count: int, total_memory: int, name: str = "fake-gpu", capability=(9, 0), fake_mode=None
+):
     """torch.cuda patched for planning on fake devices. ``torch.cuda.is_available()`` stays False, so
     FakeTensorMode never initialises a real device. Enough for ``torch.autocast("cuda")`` (its constructor
     checks availability), ``dist`` collectives on cuda tensors, FSDP2's streams and events, and memory queries
@@ -205,4 +239,6 @@ def fake_cuda_env(*, device_count: int, total_memory: int, name: str = "fake-gpu
     with contextlib.ExitStack() as stack:
         for target, fn in patches.items():
             stack.enter_context(mock.patch(target, fn))
+        if fake_mode is not None:
+            stack.enter_context(_cuda_factories_into(fake_mode))
         yield streams

@@ -90,7 +90,8 @@ def plan_rank(
     logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
     env = dict(device_count=cfg.plan.gpus_per_node, total_memory=int(gpu.memory_bytes), name=gpu.name)
     device_type = cfg.plan.device
-    with fake_process_group(world_size, rank), fake_cuda_env(**env) as streams:
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_process_group(world_size, rank), fake_cuda_env(**env, fake_mode=fake_mode) as streams:
         mesh = build_mesh(ep=cfg.parallel.ep, num_experts=cfg.model.moe.num_experts, device_type=device_type)
         model = sharded_meta_model(cfg, mesh)  # outside the fake mode (model/build.py says why)
         recorder = StepRecorder(device_type=device_type, rank=rank, streams=streams)
@@ -105,9 +106,9 @@ def plan_rank(
             val=torch.zeros(cfg.model.seq_len + 2, dtype=torch.int64),
             description="planner (no data)",
         )
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with fake_mode:
             device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
-            materialise_model(model, cfg, mesh, device)
+            materialise_model(model, cfg, mesh, device, init=False)  # values never matter
             run = assemble_run(cfg, mesh=mesh, device=device, data=data, model=model)
             slots = run.engine.optimizer_slots()  # the state AdamW holds from its first step on
             recorder.track("parameters", model.parameters())
