@@ -7,7 +7,7 @@ without data. What differs from a GPU job is said where it happens:
 - the process group is torch's ``fake`` backend (collectives check nothing and move nothing);
 - the routing comes from the plan (planning/routing.py), through the dispatcher's seam;
 - scalar reads are answered by the recorder (1 / 1.0 / True: the grad norm is finite, no step is skipped);
-- SDPA is routed to the fused kernel a GPU would pick (recorder.FusedSDPA);
+- SDPA is routed to the fused kernel a GPU would pick (recorder.fused_sdpa);
 - the optimizer state exists before the step (steady state, as from the second step on);
 - backward runs on the calling thread (autograd's per-device threads lack the fake mode's thread-local state).
 """
@@ -31,7 +31,7 @@ from moe_dist.hardware import GPU
 from moe_dist.model.build import materialise_model, sharded_meta_model
 from moe_dist.parallel.mesh import build_mesh
 from moe_dist.planning.fake_cuda import fake_cuda_env
-from moe_dist.planning.recorder import Collective, FusedSDPA, Kernel, MemoryStats, StepRecorder, Sync
+from moe_dist.planning.recorder import Collective, Kernel, MemoryStats, StepRecorder, Sync, fused_sdpa
 from moe_dist.planning.routing import PlannedRouting, ReplayedRouting
 from moe_dist.trainer import assemble_run, train_step, validate_run
 
@@ -126,7 +126,7 @@ def plan_rank(
                 elif name == "reduce_gradients":
                     static.update({k: v for k, v in recorder.live.items() if v})
 
-            with recorder, FusedSDPA(), torch.autograd.set_multithreading_enabled(False):
+            with recorder, fused_sdpa(), torch.autograd.set_multithreading_enabled(False):
                 train_step(run, 1, phase=phase)
             memory = recorder.memory()
             local_params = sum(p.numel() for p in model.parameters())

@@ -13,13 +13,14 @@
   Fake tensors have no values: scalar reads are answered (1, 1.0, True) so host code runs on; the dispatcher's
   routing counts come from its seam instead (planning/routing.py), which reports its syncs here.
 
-``FusedSDPA``: on a CPU-only build ``F.scaled_dot_product_attention`` of fake cuda tensors takes the math path
+``fused_sdpa``: on a CPU-only build ``F.scaled_dot_product_attention`` of fake cuda tensors takes the math path
 (materialised [B, H, S, S] scores); a GPU runs the fused flash / memory-efficient kernels, so this routes the
 call to them, as the CUDA backend selection would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections import defaultdict
@@ -28,7 +29,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
@@ -424,33 +424,37 @@ def _per_peer(t: torch.Tensor, splits, ranks) -> dict[int, int]:
     return {r: int(n) * row for r, n in zip(ranks, splits) if n}
 
 
-class FusedSDPA(TorchFunctionMode):
+@contextlib.contextmanager
+def fused_sdpa():
     """Routes ``F.scaled_dot_product_attention`` on cuda to the fused kernel a GPU would run: flash attention
-    (bf16 / fp16, no mask), else memory-efficient attention. Grouped-query attention (``enable_gqa``) goes
-    to the memory-efficient kernel with the key/value heads expanded as views."""
+    (bf16 / fp16, no mask), else memory-efficient attention; grouped-query attention with the key/value
+    heads expanded as views. Patched on the function itself (not a TorchFunctionMode, which activation
+    checkpointing's recompute in backward does not see)."""
+    original = F.scaled_dot_product_attention
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-        a = dict(zip(names, args), **kwargs)
-        q, k, v = a["query"], a["key"], a["value"]
-        if q.device.type != "cuda":
-            return func(*args, **kwargs)
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if query.device.type != "cuda":
+            return original(
+                query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+            )
+        q, k, v = query, key, value
         if torch.is_autocast_enabled("cuda"):  # F.sdpa is on autocast's list, the aten kernels are not
             dtype = torch.get_autocast_dtype("cuda")
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        mask, p, causal, scale = (
-            a.get("attn_mask"),
-            a.get("dropout_p", 0.0),
-            a.get("is_causal", False),
-            a.get("scale"),
-        )
         if k.shape[-3] != q.shape[-3]:  # GQA: each key/value head serves q_heads / kv_heads query heads
             group = q.shape[-3] // k.shape[-3]
             k = k.unsqueeze(-3).expand(*k.shape[:-2], group, *k.shape[-2:]).flatten(-4, -3)
             v = v.unsqueeze(-3).expand(*v.shape[:-2], group, *v.shape[-2:]).flatten(-4, -3)
-        if mask is None and q.dtype in (torch.bfloat16, torch.float16):
-            return aten._scaled_dot_product_flash_attention(q, k, v, p, causal, False, scale=scale)[0]
-        return aten._scaled_dot_product_efficient_attention(q, k, v, mask, True, p, causal, scale=scale)[0]
+        if attn_mask is None and q.dtype in (torch.bfloat16, torch.float16):
+            return aten._scaled_dot_product_flash_attention(
+                q, k, v, dropout_p, is_causal, False, scale=scale
+            )[0]
+        return aten._scaled_dot_product_efficient_attention(
+            q, k, v, attn_mask, True, dropout_p, is_causal, scale=scale
+        )[0]
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
