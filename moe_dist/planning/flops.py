@@ -5,13 +5,14 @@ heads, Dh head dim, V vocab, E experts, K experts per token, F expert hidden, R 
 
 Counted convention (torch.utils.flop_counter's): a matmul [m, k] x [k, n] is 2·m·k·n; backward is twice the
 forward, except attention, whose backward recomputes the scores (2.5x); causal attention is counted as the
-full S x S square. MFU convention (model FLOPs, the usual 6·N·tokens): no recomputation, causal attention
-counted as the half that is computed.
+full S x S square; recomputation (activation checkpointing, the chunked loss's logits, receive-budget rounds)
+counts again. MFU convention (model FLOPs, the usual 6·N·tokens): no recomputation, causal attention counted
+as the half that is computed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from moe_dist.config import ModelConfig
 
@@ -31,44 +32,65 @@ def moe_layer_ids(m: ModelConfig) -> list[int]:
 
 @dataclass
 class ForwardFlops:
-    """Forward FLOPs of one micro-batch on one rank, by part (counted convention)."""
+    """Forward FLOPs of one micro-batch on one rank (counted convention), per layer and for the head."""
 
-    attention_proj: int = 0
-    attention_core: int = 0
-    router: int = 0
-    experts: int = 0
-    shared_experts: int = 0
-    dense_ffn: int = 0
-    head: int = 0
+    attention_proj: list[int]
+    attention_core: list[int]
+    router: list[int]
+    experts: list[int]
+    shared_experts: list[int]
+    dense_ffn: list[int]
+    head: int
+
+    def layer(self, i: int) -> int:
+        return sum(getattr(self, f.name)[i] for f in fields(self) if f.name != "head")
 
     def total(self) -> int:
-        return sum(vars(self).values())
+        return sum(self.layer(i) for i in range(len(self.experts))) + self.head
 
 
 def forward_flops(m: ModelConfig, *, batch: int, expert_rows: list[int]) -> ForwardFlops:
     """``expert_rows``: rows this rank's experts process in each MoE layer (in layer order)."""
-    S, D = m.seq_len, m.dim
+    S, D, L = m.seq_len, m.dim, m.n_layers
     T = batch * S
     H, Hkv, Dh = _heads(m)
-    f = ForwardFlops()
-    f.attention_proj = m.n_layers * (2 * T * D * H * Dh * 2 + 2 * 2 * T * D * Hkv * Dh)
-    f.attention_core = m.n_layers * 4 * batch * H * S * S * Dh
-    num_moe = len(moe_layer_ids(m))
-    E = m.moe.num_experts
+    moe_ids = moe_layer_ids(m)
+    rows = dict(zip(moe_ids, expert_rows))
     router_mms = 2 if m.moe.noisy_gate else 1
-    f.router = num_moe * router_mms * 2 * T * D * E
-    f.experts = sum(6 * rows * D * m.moe.expert_hidden for rows in expert_rows)
-    f.shared_experts = num_moe * 6 * T * D * m.moe.num_shared_experts * m.moe.expert_hidden
-    f.dense_ffn = (m.n_layers - num_moe) * 6 * T * D * m.ffn_hidden
-    f.head = 2 * T * D * m.vocab_size
-    return f
+    shared = m.moe.num_shared_experts * m.moe.expert_hidden
+    return ForwardFlops(
+        attention_proj=[2 * T * D * H * Dh * 2 + 2 * 2 * T * D * Hkv * Dh] * L,
+        attention_core=[4 * batch * H * S * S * Dh] * L,
+        router=[router_mms * 2 * T * D * m.moe.num_experts if i in rows else 0 for i in range(L)],
+        experts=[6 * rows[i] * D * m.moe.expert_hidden if i in rows else 0 for i in range(L)],
+        shared_experts=[6 * T * D * shared if i in rows else 0 for i in range(L)],
+        dense_ffn=[0 if i in rows else 6 * T * D * m.ffn_hidden for i in range(L)],
+        head=2 * T * D * m.vocab_size,
+    )
 
 
-def training_flops(forward: ForwardFlops, *, recomputed_experts: int = 0) -> int:
-    """Forward + backward (counted convention) of one micro-batch; ``recomputed_experts``: expert FLOPs run a
-    second time in backward (receive-budget rounds are checkpointed)."""
-    attention = forward.attention_core
-    return 3 * (forward.total() - attention) + attention + int(2.5 * attention) + recomputed_experts
+def recomputed_flops(forward: ForwardFlops, m: ModelConfig, *, checkpointing: str, rounds: int) -> int:
+    """Forward FLOPs run a second time in backward: checkpointed blocks or expert computes, the chunked loss's
+    logits (moe_dist.model.loss), expert computes of receive-budget rounds."""
+    L = len(forward.experts)
+    if checkpointing == "none":
+        recomputed = 0
+    elif checkpointing == "moe":
+        recomputed = sum(forward.experts)
+    else:
+        every = 1 if checkpointing == "full" else int(checkpointing.partition(":")[2])
+        recomputed = sum(forward.layer(i) for i in range(0, L, every))
+    if rounds > 1:  # each round is checkpointed inside the dispatcher (nested in a checkpointed block too)
+        recomputed += sum(forward.experts)
+    if getattr(m, "loss_chunk_tokens", 0) != 0:  # chunked loss (None = auto): logits again in backward
+        recomputed += forward.head
+    return recomputed
+
+
+def training_flops(forward: ForwardFlops, *, recomputed: int = 0) -> int:
+    """Forward + backward (counted convention) of one micro-batch, plus ``recomputed`` forward FLOPs."""
+    attention = sum(forward.attention_core)
+    return 3 * (forward.total() - attention) + attention + int(2.5 * attention) + recomputed
 
 
 def model_flops_per_token(m: ModelConfig) -> float:

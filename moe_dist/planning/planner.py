@@ -18,7 +18,13 @@ import torch
 from moe_dist.config import ENGINES, Config, validate_plan
 from moe_dist.hardware import GPU, Overheads, gpu
 from moe_dist.model.transformer import Transformer, count_parameters
-from moe_dist.planning.flops import forward_flops, model_flops_per_token, moe_layer_ids, training_flops
+from moe_dist.planning.flops import (
+    forward_flops,
+    model_flops_per_token,
+    moe_layer_ids,
+    recomputed_flops,
+    training_flops,
+)
 from moe_dist.planning.rank import RankTrace, plan_rank, planning_config
 from moe_dist.planning.recorder import Collective, Kernel
 from moe_dist.planning.roofline import Layout, RankTime, Rates, simulate
@@ -215,9 +221,15 @@ def _run_roles(
     return roles
 
 
+def analytic_flops(cfg: Config, micro_batch_size: int, accum_steps: int, rows: list[int], rounds: int) -> int:
+    """One optimizer step of one rank by formula (planning/flops.py), counted convention."""
+    forward = forward_flops(cfg.model, batch=micro_batch_size, expert_rows=rows)
+    checkpointing = getattr(cfg.trainer, "activation_checkpointing", "none")  # "none" before that key existed
+    recomputed = recomputed_flops(forward, cfg.model, checkpointing=checkpointing, rounds=rounds)
+    return accum_steps * training_flops(forward, recomputed=recomputed)
+
+
 def _summarise(trace: RankTrace, cfg: Config, label, rows, rounds, estimate, roofline) -> Role:
-    forward = forward_flops(cfg.model, batch=trace.micro_batch_size, expert_rows=rows)
-    recomputed = forward.experts if rounds > 1 else 0
     return Role(
         label=label,
         rank=trace.rank,
@@ -232,7 +244,7 @@ def _summarise(trace: RankTrace, cfg: Config, label, rows, rounds, estimate, roo
         static=dict(trace.static),
         syncs=dict(trace.syncs),
         counted_flops=sum(e.flops for e in trace.events if isinstance(e, Kernel)),
-        analytic_flops=trace.accum_steps * training_flops(forward, recomputed_experts=recomputed),
+        analytic_flops=analytic_flops(cfg, trace.micro_batch_size, trace.accum_steps, rows, rounds),
         expert_rows=rows,
         exchange_rounds=rounds,
         traffic=traffic(trace, cfg),
@@ -259,7 +271,6 @@ def _extrapolate(short: Role, long: Role, *, depths: list[int], cfg: Config) -> 
     phase_peak = lerp(short.phase_peak, long.phase_peak)
     peak_phase = max(phase_peak, key=phase_peak.get)
     rows, rounds = expert_rows(cfg, ep_rank=short.ep_rank, skew=cfg.plan.skew)
-    forward = forward_flops(cfg.model, batch=short.micro_batch_size, expert_rows=rows)
     by_key = {(r["kind"], r["group"]): r for r in long.traffic}
     return dataclasses.replace(
         long,
@@ -271,8 +282,7 @@ def _extrapolate(short: Role, long: Role, *, depths: list[int], cfg: Config) -> 
         static=lerp(short.static, long.static),
         syncs=lerp(short.syncs, long.syncs),
         counted_flops=lerp(short.counted_flops, long.counted_flops),
-        analytic_flops=short.accum_steps
-        * training_flops(forward, recomputed_experts=forward.experts * (rounds > 1)),
+        analytic_flops=analytic_flops(cfg, short.micro_batch_size, short.accum_steps, rows, rounds),
         expert_rows=rows,
         traffic=[
             {**row, **lerp(_counts(row), _counts(by_key[row["kind"], row["group"]]))} for row in short.traffic
