@@ -399,6 +399,13 @@ def _bytes(n: float) -> str:
     return f"{n:,.0f} B"
 
 
+def _flops(n: float) -> str:
+    for unit, size in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if n >= size:
+            return f"{n / size:,.4g} {unit}"
+    return f"{n:,.0f} "
+
+
 def _ms(s: float) -> str:
     return f"{s * 1e3:,.2f}"
 
@@ -436,12 +443,8 @@ def render(plan: Plan) -> str:
         + ("to spare" if headroom >= 0 else "short")
     )
     lines += ["", f"per GPU per step        {columns}"]
-    lines.append(
-        "  TFLOP (by formula)    "
-        + "".join(
-            f"{f'{r.counted_flops / 1e12:,.2f} ({r.analytic_flops / 1e12:,.2f})':>22}" for r in plan.roles
-        )
-    )
+    lines.append("  FLOPs counted         " + "".join(f"{_flops(r.counted_flops):>22}" for r in plan.roles))
+    lines.append("  FLOPs by formula      " + "".join(f"{_flops(r.analytic_flops):>22}" for r in plan.roles))
     lines.append("  kernels               " + "".join(f"{r.estimate.num_kernels:>22,}" for r in plan.roles))
     lines.append("  host syncs            " + "".join(f"{sum(r.syncs.values()):>22}" for r in plan.roles))
     lines.append("    " + ", ".join(f"{k}: {v}" for k, v in sorted(first.syncs.items())))
