@@ -191,6 +191,9 @@ def plan_depths(cfg: Config) -> list[int]:
     """Layers to run: all of them, or (plan.depth=auto, deep models) two short stacks of whole layer periods
     (MoE every n-th layer), whose difference is one period: every per-step quantity is then a + b·layers."""
     n, period = cfg.model.n_layers, cfg.model.moe.every_n_layers if cfg.model.moe.num_experts else 1
+    checkpointing = getattr(cfg.trainer, "activation_checkpointing", "none")
+    if checkpointing.startswith("every_n:"):  # checkpointed blocks repeat with their own period
+        period = math.lcm(period, int(checkpointing.partition(":")[2]))
     if cfg.plan.depth == "full" or n <= 4 * period:
         return [n]
     return [period, 2 * period]
