@@ -188,3 +188,24 @@ def test_shim_needs_a_compiler(tmp_path, monkeypatch):
     monkeypatch.setattr(fake_cuda.shutil, "which", lambda name: None)
     with pytest.raises(fake_cuda.ShimError, match=r"no C\+\+ compiler found"):
         fake_cuda._build(fake_cuda._torch_dir())
+
+
+# Published totals (total, active) and what moe_dist builds for them; the Hugging Face models built from the
+# released configs on the meta device give the same totals (transformers 5.24, see the README).
+PUBLISHED = {
+    "deepseek_v2_lite": (15.7e9, 2.66e9),  # deepseek-ai/DeepSeek-V2-Lite (active incl. embeddings)
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_real_model_configs_match_published_totals(name):
+    import torch
+
+    from moe_dist.model.transformer import Transformer, count_parameters
+
+    cfg = compose_config([f"model={name}"])
+    with torch.device("meta"):
+        counts = count_parameters(Transformer(cfg.model))
+    total, active = PUBLISHED[name]
+    assert abs(counts["total"] / total - 1) < 0.01, counts
+    assert abs(counts["active"] / active - 1) < 0.01, counts
