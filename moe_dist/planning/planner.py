@@ -342,14 +342,12 @@ def make_plan(
 
 def group_name(ranks: tuple[int, ...], *, rank: int, cfg: Config) -> str:
     world, ep = cfg.plan.world_size, cfg.parallel.ep
-    if len(ranks) == world:
-        return "world"
     ep_rank, edp_rank = rank % ep, rank // ep
     if ranks == tuple(edp_rank * ep + i for i in range(ep)):
-        return "ep"
+        return "ep" if ep < world else "ep=world"
     if ranks == tuple(range(ep_rank, world, ep)):
-        return "edp"
-    return f"{len(ranks)} ranks"
+        return "edp" if ep > 1 else "world"
+    return "world" if len(ranks) == world else f"{len(ranks)} ranks"
 
 
 def traffic(trace: RankTrace, cfg: Config) -> list[dict]:
@@ -452,10 +450,10 @@ def render(plan: Plan) -> str:
     lines.append("  host syncs            " + "".join(f"{sum(r.syncs.values()):>22}" for r in plan.roles))
     lines.append("    " + ", ".join(f"{k}: {v}" for k, v in sorted(first.syncs.items())))
     lines += ["", f"collectives per step ({first.label})",
-              "  kind            group    calls   bytes sent   bytes recv   sent over NVLink / network"]  # fmt: skip
+              "  kind            group     calls   bytes sent   bytes recv   sent over NVLink / network"]  # fmt: skip
     for row in first.traffic:
         lines.append(
-            f"  {row['kind']:<15} {row['group']:<7} {row['calls']:>6} {_bytes(row['bytes']):>12} "
+            f"  {row['kind']:<15} {row['group']:<8} {row['calls']:>6} {_bytes(row['bytes']):>12} "
             f"{_bytes(row['recv_bytes']):>12} {_bytes(row['nvlink_bytes']):>14} / {_bytes(row['network_bytes'])}"
             + (f"  ({row['overlapped_calls']} overlapped)" if row["overlapped_calls"] else "")
         )
