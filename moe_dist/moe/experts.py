@@ -49,6 +49,11 @@ class GroupedExperts(nn.Module):
             return False
         if self.grouped_mm == "auto" and device.type != "cuda":
             return False
+        if device.type == "cuda" and dtype != torch.bfloat16:
+            # torch's CUDA grouped_mm takes bf16 only ("Expected inputs of BF16 type"): fp32 / fp64 loop.
+            if self.grouped_mm == "on":
+                raise ValueError(f"model.moe.grouped_mm='on': CUDA grouped_mm needs bf16 inputs, got {dtype}")
+            return False
         # grouped_mm needs every row stride to be a multiple of 16 bytes.
         itemsize = torch.empty((), dtype=dtype).element_size()
         aligned = (self.dim * itemsize) % 16 == 0 and (self.hidden * itemsize) % 16 == 0
