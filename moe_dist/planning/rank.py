@@ -129,7 +129,9 @@ def plan_rank(
             with recorder, fused_sdpa(), torch.autograd.set_multithreading_enabled(False):
                 train_step(run, 1, phase=phase)
             memory = recorder.memory()
-            local_params = sum(p.numel() for p in model.parameters())
+            local_params = sum(
+                getattr(p, "_local_tensor", p).numel() for p in model.parameters()
+            )  # DTensor: shard
             return RankTrace(
                 rank=rank,
                 ep_rank=mesh.ep_rank,
