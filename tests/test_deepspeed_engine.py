@@ -25,6 +25,7 @@ from moe_dist.metrics import read_metrics
 from moe_dist.model.build import build_model
 from moe_dist.optim import lr_at
 from moe_dist.parallel.apply import split_parameters
+from moe_dist.parallel.layout import pieces_of
 from moe_dist.parallel.mesh import build_mesh
 from moe_dist.trainer import lm_loss
 
@@ -115,14 +116,33 @@ def engine_trajectory(rank: int, ep: int, overrides: list[str]) -> dict:
         if math.isfinite(norms[-1]):
             engine.step(norm, max_norm=CLIP)
         engine.zero_grad()
-    slots = engine.optimizer_slots()
     return {
         "norms": norms,
         "params": {name: p.detach().float().clone() for name, p in model.named_parameters()},
-        "slots": {name: {k: v.detach().float().clone() for k, v in s.items()} for name, s in slots.items()},
+        "state": held_pieces(engine.checkpoint_state()),
         "memory": memory(engine, model),
         "expert_groups_are_mesh_edp": expert_partition_groups(engine, mesh),
     }
+
+
+def held_pieces(state: dict) -> dict[str, tuple[tuple[int, ...], list]]:
+    """What this rank hands a checkpoint: global shape and (offsets, copy) of every piece it holds."""
+    out = {}
+    for key, value in state.items():
+        shape, parts = pieces_of(value)
+        out[key] = (shape, [(offsets, t.detach().float().clone()) for offsets, t in parts])
+    return out
+
+
+def assemble(by_rank: list[tuple[tuple[int, ...], list]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global tensor from every rank's pieces, and how many pieces cover each element (replicas count)."""
+    shape = by_rank[0][0]
+    full, cover = torch.zeros(shape, dtype=torch.float32), torch.zeros(shape, dtype=torch.int64)
+    for _, parts in by_rank:
+        for offsets, t in parts:
+            region = tuple(slice(o, o + n) for o, n in zip(offsets, t.shape))
+            full[region], cover[region] = t, cover[region] + 1
+    return full, cover
 
 
 def world2_jobs(rank: int, world_size: int, root: str) -> dict:
@@ -213,13 +233,26 @@ def test_engine_level_trajectory_equals_native_through_a_skipped_step(results, c
         for name, p in native["params"].items():
             assert p.shape == zero["params"][name].shape, name  # experts: this rank's EP shard in both
             assert (p - zero["params"][name]).abs().max() < 1e-6, f"rank {rank} {name}"
-        assert native["slots"].keys() == zero["slots"].keys()
-        for name, slots in native["slots"].items():
-            # Two AdamW steps in both: the NaN step was skipped without touching the state.
-            assert float(slots["step"]) == float(zero["slots"][name]["step"]) == 2
-            for key in ("exp_avg", "exp_avg_sq"):
-                got = zero["slots"][name][key]
-                assert got.shape == slots[key].shape and (got - slots[key]).abs().max() < 1e-7, (name, key)
+        for name in native["params"]:  # two AdamW steps in both: the NaN step left no trace
+            assert native["state"][f"optim.{name}.step"][1][0][1].item() == 2
+            assert zero["state"][f"optim.{name}.step"][1][0][1].item() == 2
+
+
+@pytest.mark.parametrize("case", ["zero1_ep1", "zero2_ep1", "zero2_ep2"])
+def test_zero_checkpoint_state_is_its_own_fragments_of_the_global_tensors(results, case):
+    """The masters and slots a ZeRO rank hands a checkpoint are the pieces it owns, no more: over both ranks
+    they tile every global tensor exactly once, and each holds the native engine's values at its place."""
+    _, ranks = results
+    native_case = "native_ep" + case[-1]
+    tensors = [k for k in ranks[0][case]["state"] if not k.endswith(".step")]
+    for key in tensors:
+        native, native_cover = assemble([r[native_case]["state"][key] for r in ranks])
+        zero, zero_cover = assemble([r[case]["state"][key] for r in ranks])
+        assert native_cover.min() >= 1, key
+        assert zero_cover.min() == zero_cover.max() == 1, f"{key}: ZeRO pieces overlap or leave holes"
+        assert (native - zero).abs().max() < 1e-6, key
+    handed_over = sum(t.numel() for r in ranks for k in tensors for _, t in r[case]["state"][k][1])
+    assert handed_over == sum(math.prod(ranks[0][case]["state"][k][0]) for k in tensors)
 
 
 def test_zero_partitions_experts_over_moe_dists_edp_group(results):
@@ -241,7 +274,7 @@ def test_zero2_holds_less_optimizer_state_per_rank(results):
                 f"world 2, ep {ep}, rank {rank}: AdamW state native {native['adam_state']:,} B, "
                 f"ZeRO-2 {zero2['adam_state']:,} B (+ fp32 master partition {zero2['fp32_masters']:,} B)"
             )
-            steps = 4 * len(by_case[f"native_ep{ep}"]["slots"])
+            steps = 4 * len(by_case[f"native_ep{ep}"]["params"])
             assert native["adam_state"] == 8 * (native["dense_numel"] + native["local_expert_numel"]) + steps
             partitioned = 8 * (zero2["dense_numel"] / 2 + zero2["local_expert_numel"] / edp)
             # Above that: one 4-byte step per partition and DeepSpeed's alignment padding.

@@ -3,6 +3,7 @@ numerical guards, and no pickled code or secrets."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -67,9 +68,7 @@ def losses(out_dir: Path) -> dict[int, float]:
 def load_model(path: Path, overrides: list[str]):
     cfg = compose_config(TINY + overrides)
     model = build_model(cfg, single_process_mesh(), torch.device("cpu"))
-    import dataclasses
-
-    ckpt.load_checkpoint(path, model=model, optimizer_slots=None, mesh=single_process_mesh(),
+    ckpt.load_checkpoint(path, state=ckpt.model_state(model, single_process_mesh()),
                          model_cfg=dataclasses.asdict(cfg.model))  # fmt: skip
     return model
 
@@ -132,11 +131,9 @@ def tiny_model(overrides: list[str] | None = None):
 
 
 def save(out_dir: Path, step: int, model, engine, keep: int = 5) -> Path:
-    import dataclasses
-
-    return ckpt.save_checkpoint(out_dir, step=step, model=model, optimizer_slots=engine.optimizer_slots(),
-                                mesh=single_process_mesh(),
-                                meta={"model": dataclasses.asdict(model.cfg)}, keep=keep)  # fmt: skip
+    state = ckpt.model_state(model, single_process_mesh()) | engine.checkpoint_state()
+    return ckpt.save_checkpoint(out_dir, step=step, state=state, meta={"model": dataclasses.asdict(model.cfg)},
+                                keep=keep)  # fmt: skip
 
 
 KILL_MID_SAVE = """
@@ -149,10 +146,10 @@ save({out!r}, 1, model, optim)
 with torch.no_grad():
     for p in model.parameters():
         p.add_(1.0)
-def stall(directory):
+def stall(*args, **kwargs):
     print("SAVING", flush=True)
     time.sleep(600)
-checkpoint._digests = stall
+checkpoint.all_gather_json = stall  # every rank wrote its files: the digests are being gathered
 save({out!r}, 2, model, optim)
 """
 
@@ -172,9 +169,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     with torch.no_grad():
         for p in loaded.parameters():
             p.zero_()
-    import dataclasses
-
-    ckpt.load_checkpoint(path, model=loaded, optimizer_slots=None, mesh=single_process_mesh(),
+    ckpt.load_checkpoint(path, state=ckpt.model_state(loaded, single_process_mesh()),
                          model_cfg=dataclasses.asdict(loaded.cfg))  # fmt: skip
     for p, q in zip(fresh.parameters(), loaded.parameters()):
         assert torch.equal(p, q)
