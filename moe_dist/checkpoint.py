@@ -43,7 +43,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -54,11 +54,14 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import (
     LoadPlan,
     SavePlan,
+    SavePlanner,
     TensorWriteData,
     WriteItem,
     WriteItemType,
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from moe_dist.distributed import all_gather_json, broadcast_json
 from moe_dist.moe.experts import GroupedExperts
@@ -240,7 +243,7 @@ class _DigestingFileSystem(FileSystem):
 
 
 class _Writer(FileSystemWriter):
-    """DCP's file writer, hashing what it writes; the state it is handed is already staged (``stage``)."""
+    """DCP's file writer, one file per rank, hashing what it writes and holding one piece at a time."""
 
     def __init__(self, path: Path):
         super().__init__(path, single_file_per_rank=True, sync_files=True)
@@ -248,6 +251,35 @@ class _Writer(FileSystemWriter):
 
     def stage(self, state_dict: dict) -> dict:
         return state_dict  # Checkpointer._stage copied it already, into buffers reused from save to save
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        """Writes this rank's pieces into its file in DCP's format (each a ``torch.save`` record at a recorded
+        offset), each copied to host memory right before and dropped right after. DCP's own loop keeps every
+        tensor of a file alive until the file is closed: a copy of the rank's whole share (ZeRO fragments are
+        views of flat partitions, so they are copied too)."""
+        name = f"{plan.storage_data.prefix}0.distcp"
+        results = []
+        with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                offset = stream.tell()
+                if item.type == WriteItemType.BYTE_IO:
+                    stream.write(data.getbuffer())
+                else:
+                    torch.save(_own_storage(data.detach().cpu()), stream)
+                length = stream.tell() - offset
+                results.append(WriteResult(item.index, length, _StorageInfo(name, offset, length)))
+                del data
+            stream.flush()
+            os.fsync(stream.fileno())
+        done: Future[list[WriteResult]] = Future()
+        done.set_result(results)
+        return done
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when it is a view of a larger storage (``torch.save`` writes a tensor's whole storage)."""
+    return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
 
 
 def _share(files: dict[str, int], world: int, rank: int) -> list[str]:
@@ -659,16 +691,19 @@ def load_checkpoint(
     return meta
 
 
-def saved_shapes(reader: SafeFileSystemReader) -> dict[str, tuple[int, ...]]:
-    """Global shape of every tensor in a checkpoint, from its index alone."""
+def saved_tensors(reader: SafeFileSystemReader) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Global shape and dtype of every tensor in a checkpoint, from its index alone."""
     return {
-        fqn: tuple(md.size)
+        fqn: (tuple(md.size), md.properties.dtype)
         for fqn, md in reader.read_metadata().state_dict_metadata.items()
         if hasattr(md, "size")
     }
 
 
-def nbytes(state: dict[str, GlobalTensor]) -> int:
-    """Bytes of the pieces this rank holds of ``state``."""
-    tensors, _ = _pieces(state)
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def read_tensors(reader: SafeFileSystemReader, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors, whole and in their saved dtype, read by this process alone (no collective)."""
+    saved = saved_tensors(reader)
+    tensors = {name: torch.empty(saved[name][0], dtype=saved[name][1]) for name in names}
+    pieces, where = _pieces(tensors)
+    dcp.load(pieces, storage_reader=reader, planner=_LoadPlanner(where), no_dist=True)
+    return tensors

@@ -9,8 +9,10 @@ the engine imports it, for the CPU here).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,15 @@ import torch
 from harness import spawn_ranks
 from training_runs import TINY, compose_config, run
 
+from moe_dist.checkpoint import (
+    SafeFileSystemReader,
+    checkpoint_group,
+    load_checkpoint,
+    model_state,
+    read_tensors,
+    save_checkpoint,
+    saved_tensors,
+)
 from moe_dist.config import EngineConfig, TrainerConfig
 from moe_dist.engines import build_engine
 from moe_dist.engines.deepspeed import DeepSpeedEngine, deepspeed_config
@@ -48,8 +59,31 @@ RUNS = {
     "zero2_ep1": ["parallel.ep=1", *DEEPSPEED, "engine.zero_stage=2"],
     # DeepSpeed bf16 (bf16 parameters, fp32 master partitions): ZeRO-1 with fp32 gradient accumulation runs
     # DeepSpeed's BF16 optimizer, ZeRO-2 its ZeRO optimizer on bf16 gradients. CPU bf16 here, as on CUDA.
-    "bf16_zero1_ep1": ["parallel.ep=1", *DEEPSPEED, "engine.zero_stage=1", *BF16, ACCUMULATE_FP32],
-    "bf16_zero2_ep2": ["parallel.ep=2", *DEEPSPEED, "engine.zero_stage=2", *BF16],
+    "bf16_zero1_ep1": [
+        "parallel.ep=1",
+        *DEEPSPEED,
+        "engine.zero_stage=1",
+        *BF16,
+        ACCUMULATE_FP32,
+        "trainer.ckpt_every=3",
+    ],
+    "bf16_zero2_ep2": ["parallel.ep=2", *DEEPSPEED, "engine.zero_stage=2", *BF16, "trainer.ckpt_every=3"],
+    # The same runs resumed from their step-3 checkpoints (same world, EP and engine).
+    "bf16_zero1_ep1_resumed": [
+        "parallel.ep=1",
+        *DEEPSPEED,
+        "engine.zero_stage=1",
+        *BF16,
+        ACCUMULATE_FP32,
+        "trainer.resume={root}/bf16_zero1_ep1/checkpoints/step_3",
+    ],
+    "bf16_zero2_ep2_resumed": [
+        "parallel.ep=2",
+        *DEEPSPEED,
+        "engine.zero_stage=2",
+        *BF16,
+        "trainer.resume={root}/bf16_zero2_ep2/checkpoints/step_3",
+    ],
     # Cross-engine resume from the step-3 checkpoints above, at the other EP size.
     "native_ep1_from_zero2_ep2": ["parallel.ep=1", "trainer.resume={root}/zero2_ep2/checkpoints/step_3"],
     "zero2_ep1_from_native_ep2": [
@@ -68,6 +102,12 @@ ENGINE_CASES = {  # (ep, engine overrides) for the engine-level checks
     "zero2_ep2": (2, [*DEEPSPEED, "engine.zero_stage=2"]),
 }
 NAN_STEP = 2  # the engine-level trajectory poisons this step's loss: the step must be skipped cleanly
+MEMORY_MODEL = ["model.dim=128", "model.n_heads=4", "model.moe.num_experts=8", "model.moe.expert_hidden=512"]
+MEMORY_CASES = {
+    "native": [],
+    "zero2": [*DEEPSPEED, "engine.zero_stage=2"],
+    "bf16_zero1": [*DEEPSPEED, "engine.zero_stage=1", *BF16, ACCUMULATE_FP32],
+}
 
 
 def memory(engine, model) -> dict[str, int]:
@@ -145,10 +185,75 @@ def assemble(by_rank: list[tuple[tuple[int, ...], list]]) -> tuple[torch.Tensor,
     return full, cover
 
 
+def process_memory(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak since the last reset) of this process, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def peak_above_now(fn) -> int:
+    """Peak resident memory while ``fn`` runs, above the resident memory when it starts (bytes)."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    before = process_memory("VmRSS")
+    fn()
+    return process_memory("VmHWM") - before
+
+
+def checkpoint_memory(rank: int, root: str, overrides: list[str]) -> dict[str, int]:
+    """Peak memory above the live state of one training step, one save and one load (world 2, ep 1), on a
+    model whose parameters dwarf its activations (3.3M parameters, 2x32 tokens per micro-batch)."""
+    cfg = compose_config([*TINY, *MEMORY_MODEL, "trainer.micro_batch_size=2", *overrides])
+    mesh = build_mesh(ep=1, num_experts=cfg.model.moe.num_experts)
+    model = build_model(cfg, mesh, torch.device("cpu"))
+    engine = build_engine(model, engine=cfg.engine, trainer=cfg.trainer, mesh=mesh)
+    group = checkpoint_group()
+    generator = torch.Generator().manual_seed(rank)
+
+    def step() -> None:
+        for micro in range(2):
+            tokens = torch.randint(cfg.model.vocab_size, (2, cfg.model.seq_len + 1), generator=generator)
+            loss = lm_loss(model, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()) + model.moe_loss()
+            engine.backward(loss / 2, last_micro_batch=micro == 1)
+        engine.step(engine.reduce_gradients(), max_norm=CLIP)
+        engine.zero_grad()
+
+    def state() -> dict:
+        return model_state(model, mesh) | engine.checkpoint_state()
+
+    def save() -> None:
+        meta = {"model": dataclasses.asdict(cfg.model)}
+        save_checkpoint(root, step=1, state=state(), meta=meta, keep=1, group=group)
+
+    def load() -> None:
+        loaded = state()
+        load_checkpoint(
+            f"{root}/checkpoints/step_1", state=loaded, model_cfg=dataclasses.asdict(cfg.model), group=group
+        )
+        engine.after_checkpoint_load(loaded)
+
+    step()
+    step()  # every buffer of a step exists now
+    pieces = [t for value in state().values() for _, t in pieces_of(value)[1]]
+    return {
+        "step": peak_above_now(step),
+        "save": peak_above_now(save),
+        "load": peak_above_now(load),
+        "largest_piece": max(t.numel() * t.element_size() for t in pieces),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "held": sum(t.numel() * t.element_size() for t in pieces),
+    }
+
+
 def world2_jobs(rank: int, world_size: int, root: str) -> dict:
     for name, overrides in RUNS.items():
         run([*COMMON, *(o.format(root=root) for o in overrides), f"trainer.out_dir={root}/{name}"])
-    return {name: engine_trajectory(rank, ep, overrides) for name, (ep, overrides) in ENGINE_CASES.items()}
+    out = {name: engine_trajectory(rank, ep, overrides) for name, (ep, overrides) in ENGINE_CASES.items()}
+    out["memory"] = {
+        name: checkpoint_memory(rank, f"{root}/memory_{name}", o) for name, o in MEMORY_CASES.items()
+    }
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +261,16 @@ def results(tmp_path_factory) -> tuple[Path, list[dict]]:
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install -e .[deepspeed])")
     root = tmp_path_factory.mktemp("ds_runs")
-    return root, spawn_ranks(2, world2_jobs, str(root))
+    # Large blocks come from mmap and go back to the system when freed, so that resident memory follows what
+    # is allocated and its peak (VmHWM) measures a phase's own allocations.
+    saved, os.environ["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_"), str(1 << 17)
+    try:
+        return root, spawn_ranks(2, world2_jobs, str(root))
+    finally:
+        if saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
 
 
 def records(run_dir: Path) -> dict[int, dict]:
@@ -201,6 +315,49 @@ def test_bf16_zero_follows_native_within_bf16_precision(results, case):
     print(
         f"{case}: max relative difference to native: loss {relative['loss']:.1e}, grad_norm {relative['grad_norm']:.1e}"
     )
+
+
+@pytest.mark.parametrize("case", ["bf16_zero1_ep1", "bf16_zero2_ep2"])
+def test_bf16_resume_restores_the_fp32_masters_bitwise(results, case):
+    """Checkpoints of a bf16 DeepSpeed run hold its fp32 master weights (not the bf16 model weights), and a
+    run resumed from step 3 ends at step 6 with the very masters and AdamW slots of the uninterrupted run."""
+    root, _ = results
+    uninterrupted = SafeFileSystemReader(str(root / case / "checkpoints" / "step_6"))
+    resumed = SafeFileSystemReader(str(root / f"{case}_resumed" / "checkpoints" / "step_6"))
+    saved = saved_tensors(uninterrupted)
+    masters = [k for k in saved if k.startswith("model.") and not k.endswith("expert_bias")]
+    assert masters and all(saved[k][1] == torch.float32 for k in masters)
+    names = [k for k in saved if k.startswith(("model.", "optim."))]
+    a, b = read_tensors(uninterrupted, names), read_tensors(resumed, names)
+    for name in names:
+        assert torch.equal(a[name], b[name]), f"{name}: max |diff| {(a[name] - b[name]).abs().max():.3e}"
+    # The bf16 model weights are a rounding of the masters: the masters carry more than bf16 holds.
+    assert any(not torch.equal(a[k], a[k].bfloat16().float()) for k in masters)
+    after, before = records(root / f"{case}_resumed"), records(root / case)
+    assert sorted(after) == [4, 5, 6]
+    assert all(after[s]["loss"] == before[s]["loss"] for s in after)
+
+
+def test_save_and_load_memory_stay_within_a_piece_of_the_live_state(results):
+    """Peak memory above the live state, per rank (world 2, ep 1, 3.3M parameters): a save holds at most
+    about one piece beyond what the rank already holds, a checkpoint read about two (the record read and
+    its copy), and a whole resume less than a training step's own transient memory. Gathering full AdamW
+    slots (8 bytes per parameter, as before this layout) would exceed each bound by far."""
+    _, ranks = results
+    mib = 2**20
+    for rank, by_case in enumerate(ranks):
+        for case, m in by_case["memory"].items():
+            print(
+                f"rank {rank} {case}: step {m['step'] / mib:.1f} MiB, save {m['save'] / mib:.1f} MiB, "
+                f"load {m['load'] / mib:.1f} MiB above the live state (largest piece {m['largest_piece'] / mib:.1f} "
+                f"MiB, pieces held {m['held'] / mib:.1f} MiB)"
+            )
+            slack = 2 * mib  # DCP's plans and metadata, the file buffers
+            assert m["save"] <= 2 * m["largest_piece"] + slack, (rank, case, m)
+            assert m["load"] <= max(3 * m["largest_piece"] + slack, m["step"]), (rank, case, m)
+            assert m["save"] < m["step"] and m["load"] < m["step"], (rank, case, m)
+            # What gathering full AdamW slots would add (8 bytes per parameter) is far above the save bound.
+            assert 8 * m["parameters"] > 2 * (2 * m["largest_piece"] + slack)
 
 
 def test_zero0_matches_native(results):
