@@ -5,14 +5,17 @@ One spawn of two gloo ranks runs every world-2 job in sequence; world-1 jobs run
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 from harness import spawn_ranks
 from training_runs import run
 
-from moe_dist.checkpoint import complete_checkpoints, read_meta
+from moe_dist.checkpoint import checkpoint_group, complete_checkpoints, read_meta, select_checkpoint
 from moe_dist.metrics import read_metrics
 
 STEPS = 6
@@ -66,12 +69,44 @@ def world2_jobs(rank: int, world_size: int, root: str) -> None:
             f"trainer.resume={root}/w2_ep2/checkpoints/step_3",
         ]
     )
+    # Background checkpoints every 2 steps; preempted after step 4, resumed from its step-4 checkpoint.
+    for extra in (["trainer.stop_at_step=4"], []):
+        run(["parallel.ep=2", f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=4", "trainer.ckpt_every=2",
+             "trainer.async_checkpoint=true", f"trainer.out_dir={root}/w2_ep2_async", *extra])  # fmt: skip
+    return corrupted_shard_of_rank_1(rank, root)
+
+
+def corrupted_shard_of_rank_1(rank: int, root: str) -> dict:
+    """A copy of w2_ep2 whose newest checkpoint has one byte flipped in the file rank 1 wrote; verified by
+    both ranks (each hashes its share), then resumed with resume=auto."""
+    group = checkpoint_group()
+    corrupt = Path(root) / "w2_ep2_corrupt"
+    newest = corrupt / "checkpoints" / f"step_{STEPS}"
+    if rank == 0:
+        shutil.copytree(Path(root) / "w2_ep2", corrupt)
+        (corrupt / "metrics.jsonl").unlink()
+        written_by = read_meta(newest)["file_rank"]
+        shard = newest / next(name for name, r in written_by.items() if r == 1)
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    dist.barrier(group=group)
+    selected = select_checkpoint("auto", corrupt, group=group)
+    run(
+        [
+            "parallel.ep=2",
+            f"trainer.max_steps={STEPS}",
+            "trainer.micro_batch_size=4",
+            f"trainer.out_dir={corrupt}",
+        ]
+    )
+    return {"selected": selected}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
-    spawn_ranks(2, world2_jobs, str(root))
+    (root / "ranks.json").write_text(json.dumps(spawn_ranks(2, world2_jobs, str(root))))
     run(
         [
             f"trainer.max_steps={STEPS}",
@@ -167,3 +202,33 @@ def test_wandb_offline_run_written(runs):
     offline = list((runs / "w1" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     assert list(offline[0].glob("*.wandb")), "the offline run holds its data file"
+
+
+def test_async_checkpoints_resume_the_same_trajectory(runs):
+    """Checkpoints written in the background (training went on meanwhile) hold the state of their step."""
+    records = read_metrics(runs / "w2_ep2_async")
+    resumed = losses(runs / "w2_ep2_async")
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert_same_losses(losses(runs / "w2_ep2"), resumed, range(1, STEPS + 1))
+    saves = [r for r in records if "checkpoint_stall_s" in r]
+    assert [r["step"] for r in saves] == [2, 4, 6] and all(r["checkpoint_async"] for r in saves)
+    assert {r["checkpoint_completed_step"] for r in records if "checkpoint_write_s" in r} >= {2, 6}
+    assert [s for s, _ in complete_checkpoints(runs / "w2_ep2_async")] == [2, 4, 6]
+
+
+def test_a_shard_corrupted_on_rank_1_is_found_by_the_distributed_check(runs):
+    ranks = json.loads((runs / "ranks.json").read_text())
+    for result in ranks:  # every rank reaches the same verdict
+        path, warnings = result["selected"]
+        assert path.endswith("step_3")
+        assert len(warnings) == 1 and f"step {STEPS}" in warnings[0]
+        assert "__1_0.distcp does not match its sha256 digest (corrupted)" in warnings[0]
+    resumed = losses(runs / "w2_ep2_corrupt")
+    assert sorted(resumed) == [4, 5, 6]  # resume=auto skipped the corrupted step-6 checkpoint
+    assert_same_losses(losses(runs / "w2_ep2"), resumed, [4, 5, 6])
+
+
+def test_every_rank_hashes_the_files_it_wrote(runs):
+    meta = read_meta(complete_checkpoints(runs / "w2_ep2")[-1][1])
+    assert meta["file_rank"] == {".metadata": 0, "__0_0.distcp": 0, "__1_0.distcp": 1}
+    assert set(meta["sha256"]) == set(meta["file_bytes"]) == set(meta["file_rank"])
