@@ -175,6 +175,58 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
         assert torch.equal(p, q)
 
 
+ASYNC_STALL = """
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import moe_dist.checkpoint as checkpoint
+write_data = checkpoint._Writer.write_data
+def stalling(self, plan, planner):
+    result = write_data(self, plan, planner)  # rank 1's file of step 4 is on disk, its write not yet reported
+    if os.environ["RANK"] == "1" and "tmp_step_4" in str(self.path):
+        Path({out!r}, "stalled").write_text(str(os.getpid()))
+        time.sleep(600)
+    return result
+checkpoint._Writer.write_data = stalling
+from training_runs import compose_config
+from test_reliability import TINY
+from moe_dist.trainer import train
+train(compose_config(TINY + {overrides!r}), default_out_dir={out!r})
+"""
+
+
+def test_kill_during_an_async_save_keeps_the_previous_checkpoint_while_training_went_on(tmp_path):
+    out = tmp_path / "run"
+    overrides = ["parallel.ep=2", "trainer.micro_batch_size=4", "trainer.max_steps=8", "trainer.ckpt_every=2",
+                 "trainer.async_checkpoint=true", f"trainer.out_dir={out}", f"hydra.run.dir={out}/hydra"]  # fmt: skip
+    script = tmp_path / "stall.py"
+    script.write_text(ASYNC_STALL.format(tests=str(REPO / "tests"), out=str(out), overrides=overrides))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(script)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(out, 5, proc)  # the step-4 save went to the background and training went on
+    deadline = time.monotonic() + 60
+    while not (out / "stalled").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    root = out / "checkpoints"
+    assert not (root / "step_4").exists() and not (root / ".tmp_step_4" / "meta.json").exists()
+    os.kill(int((out / "stalled").read_text()), signal.SIGKILL)  # rank 1, in the middle of its save
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, output[-3000:]
+
+    assert (root / ".tmp_step_4").is_dir()  # the interrupted save is there, without meta.json...
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [2]  # ...and the newest complete one is step 2
+    assert ckpt.select_checkpoint("auto", out) == (str(root / "step_2"), [])
+    before = losses(out)
+    resumed = subprocess.run(train_cmd(out, "trainer.max_steps=8", "trainer.ckpt_every=2"), capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step_2 at step 2" in resumed.stdout
+    after = losses(out)
+    assert sorted(after) == list(range(1, 9))
+    assert all(after[s] == before[s] for s in before if s >= 3), (before, after)
+
+
 def test_incompatible_checkpoint_is_refused_listing_every_difference(tmp_path):
     _, model, optim = tiny_model()
     path = save(tmp_path, 1, model, optim)
