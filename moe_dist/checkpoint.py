@@ -620,6 +620,10 @@ class Checkpointer:
             ) from err
         self.completed.append({"step": in_flight.step, "write_s": done - in_flight.started})
 
+    def busy(self) -> bool:
+        """Whether a background save is still being written on this rank."""
+        return self._in_flight is not None and not self._in_flight.future.done()
+
     def poll(self) -> None:
         """Collects the background save if it has completed, without waiting (re-raises its error)."""
         if self._in_flight is not None and self._in_flight.future.done():
