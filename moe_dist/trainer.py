@@ -176,9 +176,10 @@ def build_run(cfg: Config) -> Run:
     timeout_s = collective_timeout_s(backend, cfg.parallel.timeout_s)
     device = init_distributed(device_type=device_type, backend=backend, timeout_s=timeout_s)
     mesh = build_mesh(ep=cfg.parallel.ep, num_experts=mcfg.moe.num_experts)
-    ckpt_group = checkpoint_group(timeout_s=timeout_s)
     model = build_model(cfg, mesh, device)
     engine = build_engine(model, engine=cfg.engine, trainer=t, mesh=mesh)
+    # After the engine: DeepSpeed starts a process group of its own in a world of 1.
+    ckpt_group = checkpoint_group(timeout_s=timeout_s)
     moe_names = [name for name, m in model.named_modules() if isinstance(m, MoELayer)]
     return Run(
         cfg=cfg,

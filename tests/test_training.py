@@ -11,12 +11,25 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 from harness import spawn_ranks
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 from training_runs import run
 
-from moe_dist.checkpoint import checkpoint_group, complete_checkpoints, read_meta, select_checkpoint
+from moe_dist.checkpoint import (
+    SafeFileSystemReader,
+    checkpoint_group,
+    complete_checkpoints,
+    read_into,
+    read_meta,
+    read_tensors,
+    save_checkpoint,
+    select_checkpoint,
+)
 from moe_dist.metrics import read_metrics
+from moe_dist.parallel.layout import flat_fragment, pieces_of
 
 STEPS = 6
 TOL = 1e-4
@@ -73,7 +86,40 @@ def world2_jobs(rank: int, world_size: int, root: str) -> None:
     for extra in (["trainer.stop_at_step=4"], []):
         run(["parallel.ep=2", f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=4", "trainer.ckpt_every=2",
              "trainer.async_checkpoint=true", f"trainer.out_dir={root}/w2_ep2_async", *extra])  # fmt: skip
-    return corrupted_shard_of_rank_1(rank, root)
+    return corrupted_shard_of_rank_1(rank, root) | dtensors_to_fragments(rank, root)
+
+
+def dtensors_to_fragments(rank: int, root: str) -> dict:
+    """An engine whose state is DTensors (FSDP2-style: uneven Shard(0), and Shard(1) as for experts over EDP)
+    hands them over as they are; read back whole in one process (the test) and, here, as ZeRO-style flat
+    ranges of each tensor (rank r owns the r-th half of the flattened elements)."""
+    group = checkpoint_group()
+    device_mesh = init_device_mesh("cpu", (2,))
+    generator = torch.Generator().manual_seed(0)
+    full = {
+        "model.a": torch.randn(5, 6, generator=generator),
+        "optim.b.exp_avg": torch.randn(4, 6, 8, generator=generator),
+    }
+    placements = {"model.a": [Shard(0)], "optim.b.exp_avg": [Shard(1)]}
+    state = {k: distribute_tensor(t, device_mesh, placements[k]) for k, t in full.items()}
+    held = sum(t.numel() for v in state.values() for _, t in pieces_of(v)[1])
+    save_checkpoint(f"{root}/dtensors", step=1, state=state, meta={"model": {}}, keep=1, group=group)
+    halves, loaded = {}, {}
+    for key, t in full.items():
+        start, stop = rank * t.numel() // 2, (rank + 1) * t.numel() // 2
+        halves[key] = torch.zeros(stop - start)
+        loaded[key] = flat_fragment(
+            halves[key], local_shape=tuple(t.shape), start=start, global_shape=tuple(t.shape)
+        )
+    read_into(SafeFileSystemReader(f"{root}/dtensors/checkpoints/step_1"), loaded, group=group)
+    expected = {
+        k: t.reshape(-1)[rank * t.numel() // 2 : (rank + 1) * t.numel() // 2] for k, t in full.items()
+    }
+    return {
+        "dtensor_pieces_held": held,
+        "fragments_equal": all(torch.equal(halves[k], expected[k]) for k in full),
+        "full": {k: t.tolist() for k, t in full.items()},
+    }
 
 
 def corrupted_shard_of_rank_1(rank: int, root: str) -> dict:
@@ -232,3 +278,15 @@ def test_every_rank_hashes_the_files_it_wrote(runs):
     meta = read_meta(complete_checkpoints(runs / "w2_ep2")[-1][1])
     assert meta["file_rank"] == {".metadata": 0, "__0_0.distcp": 0, "__1_0.distcp": 1}
     assert set(meta["sha256"]) == set(meta["file_bytes"]) == set(meta["file_rank"])
+
+
+def test_dtensor_state_is_written_as_its_shards_and_read_back_in_any_layout(runs):
+    """The hook for DTensor engines (FSDP2): each rank hands over only its shard (uneven on dim 0, or on dim 1),
+    the checkpoint holds the global tensors, and ZeRO-style flat ranges read them back exactly."""
+    ranks = json.loads((runs / "ranks.json").read_text())
+    full = {k: torch.tensor(v) for k, v in ranks[0]["full"].items()}
+    assert [r["dtensor_pieces_held"] for r in ranks] == [3 * 6 + 4 * 3 * 8, 2 * 6 + 4 * 3 * 8]
+    assert all(r["fragments_equal"] for r in ranks)
+    reader = SafeFileSystemReader(str(runs / "dtensors" / "checkpoints" / "step_1"))
+    whole = read_tensors(reader, list(full))
+    assert all(torch.equal(whole[k], full[k]) for k in full)
