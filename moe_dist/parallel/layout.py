@@ -104,7 +104,8 @@ def flat_fragment(
 
 def expert_dtensor(local: torch.Tensor, mesh: Mesh) -> torch.Tensor:
     """An expert tensor (this rank's EP shard on dim 0) as a DTensor over (edp, ep): replicated over edp,
-    sharded over ep. Plain when there is nothing to shard."""
-    if mesh.device_mesh is None or mesh.ep == 1 or local.dim() == 0:
+    sharded over ep. Plain when there is nothing to shard; a DTensor (an FSDP2 engine's parameters and slots)
+    as it is: its placements already give the global layout."""
+    if isinstance(local, DTensor) or mesh.device_mesh is None or mesh.ep == 1 or local.dim() == 0:
         return local
     return DTensor.from_local(local, mesh.device_mesh, [Replicate(), Shard(0)], run_check=False)
