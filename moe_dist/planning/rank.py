@@ -109,12 +109,21 @@ def plan_rank(
         with fake_mode:
             device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
             materialise_model(model, cfg, mesh, device, init=False)  # values never matter
-            run = assemble_run(cfg, mesh=mesh, device=device, data=data, model=model)
-            slots = run.engine.optimizer_slots()  # the state AdamW holds from its first step on
+            run = assemble_run(
+                cfg,
+                mesh=mesh,
+                device=device,
+                data=data,
+                model=model,
+                timeout_s=600.0,
+                checkpoints=False,  # never waited on
+            )
+            # The state AdamW holds from its first step on (the engine creates it for a checkpoint load).
+            state = run.engine.checkpoint_state()
             recorder.track("parameters", model.parameters())
             recorder.track("buffers", model.buffers())
-            recorder.track("optimizer_state", [t for slot in slots.values() for t in slot.values()])
-            del slots
+            recorder.track("optimizer_state", [t for key, t in state.items() if key.startswith("optim.")])
+            del state
             static: dict[str, int] = {}
 
             @contextlib.contextmanager
