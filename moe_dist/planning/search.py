@@ -113,12 +113,16 @@ def search(cfg: Config, *, log=print) -> SearchResult:
             if not c.fits:
                 break
     if not result.feasible:
-        smallest = min((static_bytes(_configure(cfg, ep=ep, engine=e, micro_batch_size=1, ac=ac), dense=dense,
-                                     expert=expert), e) for ep, e, ac in candidates(cfg))  # fmt: skip
+        planned = [c for c in result.candidates if c.plan is not None]
+        if planned:
+            best = min(planned, key=lambda c: c.plan.peak_bytes)
+            why = (f"the lowest peak is {best.plan.peak_bytes / GiB:,.1f} GiB (ep={best.ep} {best.engine}, micro-batch "
+                   f"{best.micro_batch_size}, checkpointing {best.activation_checkpointing})")  # fmt: skip
+        else:
+            why = "parameters, gradients and AdamW state alone exceed it in every layout"
         result.notes.append(
-            f"nothing fits on {W} x {cfg.plan.gpu}: the leanest layout ({smallest[1]}) needs "
-            f"{smallest[0] / GiB:,.1f} GiB of parameters, gradients and optimizer state per GPU before activations "
-            f"({usable / GiB:,.1f} GiB usable)"
+            f"nothing fits on {W} x {cfg.plan.gpu} ({usable / GiB:,.1f} GiB usable per GPU): {why}; more GPUs, a "
+            "shorter sequence or a larger GPU"
         )
     best = result.feasible[0] if result.feasible else None
     if best is not None and cfg.plan.skew > 1 and best.ep > 1 and cfg.model.moe.num_experts:
