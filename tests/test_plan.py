@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from training_runs import compose_config
 
+from moe_dist.config import ENGINES
 from moe_dist.hardware import GPUS, Overheads, gpu
 from moe_dist.planning.recorder import Collective
 from moe_dist.planning.roofline import Layout, Rates
@@ -49,6 +50,7 @@ def plans() -> dict:
     jobs = {
         "w64": [*SMALL, *world(64), "parallel.ep=8"],
         **{f"ep{ep}": [*SMALL, *world(8), f"parallel.ep={ep}"] for ep in (1, 2, 4, 8)},
+        **({"fsdp": [*SMALL, *world(8), "parallel.ep=8", "engine=fsdp"]} if "fsdp" in ENGINES else {}),
         "deep_full": [*deep, "plan.depth=full"],
         "deep_auto": [*deep, "plan.depth=auto"],
     }
@@ -87,6 +89,16 @@ def test_memory_falls_with_ep(plans):
     peaks = [plans[f"ep{ep}"]["peak_bytes"] for ep in (1, 2, 4, 8)]
     assert statics == sorted(statics, reverse=True) and len(set(statics)) == 4, statics
     assert peaks == sorted(peaks, reverse=True), peaks
+
+
+def test_memory_falls_with_fsdp(plans):
+    if "fsdp" not in ENGINES:
+        pytest.skip("engine=fsdp is not in this version (issue 11)")
+    native, fsdp = plans["ep8"]["roles"][0], plans["fsdp"]["roles"][0]
+    assert static(fsdp) < static(native) / 4  # dense parameters, gradients, AdamW state over 8 ranks, not 1
+    assert plans["fsdp"]["peak_bytes"] < plans["ep8"]["peak_bytes"]
+    overlapped = {row["kind"] for row in fsdp["traffic"] if row["overlapped_calls"]}
+    assert overlapped >= {"all_gather", "reduce_scatter"}  # FSDP2's side-stream collectives, seen as such
 
 
 def test_skew_and_extrapolated_depth(plans):
@@ -193,16 +205,25 @@ def test_shim_needs_a_compiler(tmp_path, monkeypatch):
 # Published totals (total, active) and what moe_dist builds for them; the Hugging Face models built from the
 # released configs on the meta device give the same totals (transformers 5.24, see the README).
 PUBLISHED = {
+    "mixtral_8x7b": (46.7e9, 12.9e9),  # mistralai/Mixtral-8x7B-v0.1
+    "qwen3_30b_a3b": (30.5e9, 3.3e9),  # Qwen/Qwen3-30B-A3B (model card: 30.5B total, 3.3B activated)
+    "olmoe_1b_7b": (6.9e9, 1.3e9),  # allenai/OLMoE-1B-7B-0924 (paper: 6.9B total, 1.3B active)
     "deepseek_v2_lite": (15.7e9, 2.66e9),  # deepseek-ai/DeepSeek-V2-Lite (active incl. embeddings)
 }
+NEEDS_ISSUE_14 = {"mixtral_8x7b", "qwen3_30b_a3b", "olmoe_1b_7b"}  # grouped-query attention, QK-norm
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_real_model_configs_match_published_totals(name):
+    import dataclasses
+
     import torch
 
+    from moe_dist.config import ModelConfig
     from moe_dist.model.transformer import Transformer, count_parameters
 
+    if name in NEEDS_ISSUE_14 and "n_kv_heads" not in {f.name for f in dataclasses.fields(ModelConfig)}:
+        pytest.skip("needs grouped-query attention and QK-norm in the model (issue 14)")
     cfg = compose_config([f"model={name}"])
     with torch.device("meta"):
         counts = count_parameters(Transformer(cfg.model))
