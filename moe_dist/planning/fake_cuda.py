@@ -111,10 +111,6 @@ def load_shim() -> bool:
     return True
 
 
-def shim_loaded() -> bool:
-    return bool(_loaded)
-
-
 # ---- what runs after torch is imported ----------------------------------------------------------------
 
 
