@@ -27,7 +27,6 @@ import tempfile
 from pathlib import Path
 
 SHIM_SOURCE = Path(__file__).with_name("fake_cuda_guard.cpp")
-SHIM_ENV = "MOE_DIST_FAKE_CUDA_SHIM"  # set once the shim is loaded (inherited by a re-exec'd planner)
 _loaded: bool | None = None
 
 
@@ -106,7 +105,6 @@ def load_shim() -> bool:
     lib = ctypes.CDLL(str(_build(_torch_dir())), mode=ctypes.RTLD_GLOBAL)
     if lib.moe_dist_fake_cuda_hooks_built() != 1:
         raise ShimError("the fake-CUDA shim loaded, but torch did not pick up its CUDA hooks")
-    os.environ[SHIM_ENV] = "1"
     _loaded = True
     return True
 
