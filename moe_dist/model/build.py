@@ -16,16 +16,18 @@ import torch
 from moe_dist.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
 from moe_dist.config import Config, ModelConfig, MoEConfig, TrainerConfig
 from moe_dist.model.transformer import Transformer
-from moe_dist.parallel.apply import parallelize_moe
+from moe_dist.parallel.apply import apply_activation_checkpointing, parallelize_moe
 from moe_dist.parallel.mesh import Mesh
+from moe_dist.precision import param_dtype
 
 
 def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> Transformer:
     """Single-device model on the meta device → sharded by the mesh → materialised → seeded init
     (→ the weights of ``model.init_from``, a local Hugging Face directory, when set)."""
     with torch.device("meta"):
-        model = Transformer(cfg.model)
+        model = Transformer(cfg.model).to(param_dtype(cfg.trainer.precision))
     parallelize_moe(model, mesh)
+    apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
     model.to_empty(device=device)
     model.init_weights(cfg.trainer.seed)
     if cfg.model.init_from:

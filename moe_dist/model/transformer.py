@@ -21,18 +21,22 @@ from moe_dist.moe.experts import GroupedExperts
 from moe_dist.moe.layer import MoELayer, SwiGLU
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    seq_len: int, head_dim: int, theta: float, device=None, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [S, Dh] in the rotate-half layout (the first and second half of a head form the pairs)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=dtype), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
+    """Rotates in the tables' dtype (fp32; fp64 in fp64 mode), returns the input dtype."""
     x1, x2 = x_BHSDh.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x_BHSDh.float() * cos_SDh + rotated.float() * sin_SDh).type_as(x_BHSDh)
+    acc = cos_SDh.dtype
+    return (x_BHSDh.to(acc) * cos_SDh + rotated.to(acc) * sin_SDh).type_as(x_BHSDh)
 
 
 class LayerKVCache:
@@ -185,7 +189,9 @@ class Transformer(nn.Module):
                 _fill_normal(p, out_std if is_out else std, seed, name)
         for m in self.moe_layers():
             m.router.expert_bias.zero_()
-        cos, sin = rope_tables(self.cfg.seq_len, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
+        cos, sin = rope_tables(
+            self.cfg.seq_len, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, dtype=self.rope_cos.dtype
+        )
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 

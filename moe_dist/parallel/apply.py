@@ -14,11 +14,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._composable import checkpoint
 
+from moe_dist.config import parse_activation_checkpointing
 from moe_dist.moe.dispatch import TokenDispatcher
 from moe_dist.moe.experts import GroupedExperts
 from moe_dist.moe.layer import MoELayer
 from moe_dist.parallel.mesh import Mesh
+from moe_dist.precision import accum_dtype
 
 BUCKET_NUMEL = 1 << 24  # elements per flattened all-reduce bucket
 
@@ -47,6 +50,29 @@ def parallelize_moe(model: nn.Module, mesh: Mesh) -> nn.Module:
             num_experts, group=mesh.ep_group, ep=mesh.ep, recv_budget=layer.cfg.recv_budget
         )
         layer.router.dp_group, layer.router.dp_size = mesh.world_group, mesh.world_size
+    return model
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
+    """Recompute in backward instead of keeping activations (``trainer.activation_checkpointing``), in place.
+
+    ``full`` / ``every_n:<n>``: the whole block (every n-th), its exchanges included; ``moe``: the grouped
+    expert compute only, between the two all-to-alls: the routing decisions and the exchanged rows are kept,
+    so recompute neither repeats an all-to-all nor can change a top-k choice. torch's composable
+    ``checkpoint`` puts the recompute on forward hooks: parameter names (checkpoints) stay as they are and
+    FSDP2 can shard the same modules afterwards.
+    """
+    kind, every = parse_activation_checkpointing(mode)
+    if kind == "moe":
+        for layer in model.modules():
+            if isinstance(layer, MoELayer):
+                checkpoint(layer.experts)
+    elif kind == "every_n":
+        for i, block in enumerate(model.layers):
+            if i % every == 0:
+                # early_stop=False: the recompute always runs the whole block, so every rank issues the
+                # block's collectives in backward whatever tensors it happened to save.
+                checkpoint(block, early_stop=False)
     return model
 
 
@@ -90,11 +116,11 @@ def sync_gradients(model: nn.Module, mesh: Mesh) -> None:
     _all_reduce_grads(expert, mesh.edp_group, mesh.world_size)
 
 
-def _sum_of_squares(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+def _sum_of_squares(params: list[nn.Parameter], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros((), device=device)
-    return torch.stack(torch._foreach_norm(grads)).float().square().sum()
+        return torch.zeros((), device=device, dtype=dtype)
+    return torch.stack(torch._foreach_norm(grads)).to(dtype).square().sum()
 
 
 @torch.no_grad()
@@ -106,11 +132,12 @@ def global_grad_norm(model: nn.Module, mesh: Mesh) -> torch.Tensor:
     world; averaging per-rank norms, a known bug elsewhere, is wrong for any ep > 1).
     """
     dense, expert = split_parameters(model)
-    device = next(model.parameters()).device
-    expert_sq = _sum_of_squares(expert, device)
+    first = next(model.parameters())
+    dtype = accum_dtype(first)  # fp32; fp64 in fp64 mode
+    expert_sq = _sum_of_squares(expert, first.device, dtype)
     if mesh.ep_group is not None:
         dist.all_reduce(expert_sq, group=mesh.ep_group)
-    return (_sum_of_squares(dense, device) + expert_sq).sqrt()
+    return (_sum_of_squares(dense, first.device, dtype) + expert_sq).sqrt()
 
 
 @torch.no_grad()
