@@ -151,8 +151,9 @@ def _expert_param_ids(model: nn.Module) -> set[int]:
 
 
 def _global_view(t: torch.Tensor, *, is_expert: bool, mesh: Mesh) -> torch.Tensor:
-    """Experts as DTensors over (edp, ep): replicated over edp, sharded on dim 0 over ep."""
-    if not is_expert or mesh.device_mesh is None or mesh.ep == 1:
+    """Experts as DTensors over (edp, ep): replicated over edp, sharded on dim 0 over ep. A DTensor (engine=fsdp:
+    parameters and Adam state) is saved as it is: its placements already describe the global layout."""
+    if isinstance(t, DTensor) or not is_expert or mesh.device_mesh is None or mesh.ep == 1:
         return t
     return DTensor.from_local(t, mesh.device_mesh, [Replicate(), Shard(0)], run_check=False)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-ENGINES = ("native", "deepspeed")
+ENGINES = ("native", "deepspeed", "fsdp")
 ROUTERS = ("softmax", "sigmoid", "soft")
 BACKENDS = ("auto", "nccl", "gloo")
 DATASETS = ("stdlib", "text", "tokens")
@@ -64,9 +64,12 @@ class ParallelConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "native"  # "native" (AdamW + moe_dist gradient sync) or "deepspeed" (ZeRO optimizer sharding)
+    name: str = "native"  # "native" (AdamW + gradient sync), "deepspeed" (ZeRO), "fsdp" (FSDP2, all sharded)
     zero_stage: int = 0  # deepspeed: 0, 1 (optimizer state sharded) or 2 (+ gradients sharded)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, passed through
+    reshard_after_forward: bool = (
+        True  # fsdp: free gathered parameters after forward (regathered in backward)
+    )
 
 
 @dataclass

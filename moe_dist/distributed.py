@@ -34,10 +34,13 @@ def collective_timeout_s(backend: str, timeout_s: float | None) -> float:
     return timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S[resolve_backend(backend)]
 
 
-def init_distributed(*, backend: str = "auto", timeout_s: float | None = None) -> torch.device:
+def init_distributed(
+    *, backend: str = "auto", timeout_s: float | None = None, single_rank_group: bool = False
+) -> torch.device:
     """Initialises the default process group when launched with several ranks; returns this rank's device.
 
-    A world of 1 started without torchrun gets no process group at all: every collective is skipped.
+    A world of 1 started without torchrun gets no process group at all (every collective is skipped), unless
+    ``single_rank_group``: then a one-rank group on an in-memory store (no rendezvous, no port).
     A collective that waits longer than the timeout raises instead of hanging (NCCL: the watchdog aborts
     the communicator; gloo: the wait times out).
     """
@@ -58,6 +61,16 @@ def init_distributed(*, backend: str = "auto", timeout_s: float | None = None) -
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(
             backend=backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs
+        )
+    elif single_rank_group and not dist.is_initialized():
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(
+            backend=backend,
+            store=dist.HashStore(),
+            rank=0,
+            world_size=1,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **kwargs,
         )
     return device
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 class Watchdog:
@@ -62,9 +63,10 @@ class NonFiniteError(RuntimeError):
 def first_nonfinite_grad(model: nn.Module) -> str | None:
     """Name and statistic of the first parameter (in module order) whose gradient is not finite."""
     for name, p in model.named_parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            num_bad = (~torch.isfinite(p.grad)).sum().item()
-            return f"{name} ({num_bad} of {p.grad.numel()} gradient entries non-finite)"
+        grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # engine=fsdp: this rank's shard
+        if grad is not None and not torch.isfinite(grad).all():
+            num_bad = (~torch.isfinite(grad)).sum().item()
+            return f"{name} ({num_bad} of {grad.numel()} gradient entries non-finite on this rank)"
     return None
 
 

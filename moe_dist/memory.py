@@ -58,6 +58,7 @@ class AllocatorPeak:
     def __init__(self, device: torch.device):
         self.device = device
         self.bytes = 0
+        self.profile = None  # CPU: the torch profiler of the window (its op events are there too)
 
     def __enter__(self) -> AllocatorPeak:
         if self.device.type == "cuda":
@@ -67,8 +68,8 @@ class AllocatorPeak:
         else:
             from torch.profiler import ProfilerActivity, profile
 
-            self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._profile.__enter__()
+            self.profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self.profile.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -76,8 +77,8 @@ class AllocatorPeak:
             torch.cuda.synchronize(self.device)
             self.bytes = torch.cuda.max_memory_allocated(self.device) - self._start
             return
-        self._profile.__exit__(*exc)
-        events = [e for e in self._profile.profiler.kineto_results.events() if e.name() == "[memory]"]
+        self.profile.__exit__(*exc)
+        events = [e for e in self.profile.profiler.kineto_results.events() if e.name() == "[memory]"]
         live = peak = 0
         for event in sorted(events, key=lambda e: e.start_ns()):
             if event.device_type() == torch.autograd.DeviceType.CPU:

@@ -76,7 +76,7 @@ def validate_run(cfg: Config, *, world_size: int) -> None:
     """Every check of a run config, before any collective or file write: the schema (config.py), the chosen
     engine's own config, and the checkpoint to resume from."""
     validate(cfg, world_size=world_size)
-    validate_engine(cfg.engine, cfg.trainer, world_size=world_size)
+    validate_engine(cfg.engine, cfg.trainer, world_size=world_size, model_init_from=cfg.model.init_from)
     validate_resume(cfg.trainer.resume)
 
 
@@ -163,12 +163,16 @@ def build_run(cfg: Config) -> Run:
     backend = cfg.parallel.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    device = init_distributed(backend=backend, timeout_s=cfg.parallel.timeout_s)
+    # FSDP2 shards over a DeviceMesh, which needs a process group also at world 1.
+    device = init_distributed(
+        backend=backend, timeout_s=cfg.parallel.timeout_s, single_rank_group=cfg.engine.name == "fsdp"
+    )
     mesh = build_mesh(ep=cfg.parallel.ep, num_experts=mcfg.moe.num_experts)
     model = build_model(cfg, mesh, device)
     engine = build_engine(model, engine=cfg.engine, trainer=t, mesh=mesh)
     moe_names = [name for name, m in model.named_modules() if isinstance(m, MoELayer)]
     micro_batch_size, accum_steps = batch_layout(t, world_size=mesh.world_size)
+    precision = resolve_precision(t.precision, device)
     return Run(
         cfg=cfg,
         mesh=mesh,
@@ -176,7 +180,8 @@ def build_run(cfg: Config) -> Run:
         data=data,
         model=model,
         engine=engine,
-        autocast=autocast(resolve_precision(t.precision, device), device),
+        # bf16 under fsdp: FSDP2's MixedPrecisionPolicy gathers bf16 parameters, no autocast (model/build.py).
+        autocast=autocast(precision if cfg.engine.name != "fsdp" else "fp32", device),
         accum_steps=accum_steps,
         micro_batch_size=micro_batch_size,
         stats=StepStats(model, device),

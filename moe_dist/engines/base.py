@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+from torch import nn
 
 ADAM_SLOTS = ("step", "exp_avg", "exp_avg_sq")
 
@@ -33,6 +34,20 @@ class Engine(Protocol):
     def optimizer_slots(self) -> dict[str, dict[str, torch.Tensor]]: ...
 
     def load_optimizer_slots(self, slots: dict[str, dict[str, torch.Tensor]]) -> None: ...
+
+
+def live_adam_slots(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """A torch AdamW's live state tensors per parameter name, creating zero slots for a fresh optimizer (so
+    that a checkpoint load has tensors to fill in place)."""
+    slots = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        state = optimizer.state[p]
+        if not state:
+            state.update(zero_adam_state(p))
+        slots[name] = {key: state[key] for key in ADAM_SLOTS}
+    return slots
 
 
 def zero_adam_state(p: torch.Tensor) -> dict[str, torch.Tensor]:

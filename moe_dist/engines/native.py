@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from moe_dist.config import TrainerConfig
-from moe_dist.engines.base import ADAM_SLOTS, zero_adam_state
+from moe_dist.engines.base import live_adam_slots
 from moe_dist.optim import build_optimizer, set_lr
 from moe_dist.parallel.apply import clip_gradients_, global_grad_norm, sync_gradients
 from moe_dist.parallel.mesh import Mesh
@@ -37,16 +37,7 @@ class NativeEngine:
         set_lr(self.optimizer, lr)
 
     def optimizer_slots(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The live state tensors (creating zero slots for a fresh optimizer, so a load has tensors to fill)."""
-        slots = {}
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            state = self.optimizer.state[p]
-            if not state:
-                state.update(zero_adam_state(p))
-            slots[name] = {key: state[key] for key in ADAM_SLOTS}
-        return slots
+        return live_adam_slots(self.model, self.optimizer)
 
     def load_optimizer_slots(self, slots: dict[str, dict[str, torch.Tensor]]) -> None:
         """Nothing to do: ``optimizer_slots`` returned the live tensors, which the load filled in place."""

@@ -16,9 +16,9 @@ import torch
 from moe_dist.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
 from moe_dist.config import Config, ModelConfig, MoEConfig, TrainerConfig
 from moe_dist.model.transformer import Transformer
-from moe_dist.parallel.apply import apply_activation_checkpointing, parallelize_moe
+from moe_dist.parallel.apply import apply_activation_checkpointing, parallelize_fsdp, parallelize_moe
 from moe_dist.parallel.mesh import Mesh
-from moe_dist.precision import param_dtype
+from moe_dist.precision import param_dtype, resolve_precision
 
 
 def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> Transformer:
@@ -28,6 +28,9 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> Transformer:
         model = Transformer(cfg.model).to(param_dtype(cfg.trainer.precision))
     parallelize_moe(model, mesh)
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
+    if cfg.engine.name == "fsdp":
+        bf16 = resolve_precision(cfg.trainer.precision, device) == "bf16"
+        parallelize_fsdp(model, mesh, bf16=bf16, reshard_after_forward=cfg.engine.reshard_after_forward)
     model.to_empty(device=device)
     model.init_weights(cfg.trainer.seed)
     if cfg.model.init_from:
