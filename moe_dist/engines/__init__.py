@@ -27,6 +27,11 @@ def validate_engine(
             "unsharded tensors); start from it with engine=native, then resume that checkpoint with fsdp"
         )
     if engine.name == "deepspeed":
+        if trainer.precision == "fp64":
+            raise ValueError(
+                "trainer.precision='fp64': DeepSpeed reduces fp16, bf16 and fp32 gradients only; the fp64 "
+                "verification mode runs with engine=native or engine=fsdp"
+            )
         if importlib.util.find_spec("deepspeed") is None:
             raise ValueError(
                 f"engine.name={engine.name!r}: needs the deepspeed package (pip install -e '.[deepspeed]')"
