@@ -67,9 +67,8 @@ class EngineConfig:
     name: str = "native"  # "native" (AdamW + gradient sync), "deepspeed" (ZeRO), "fsdp" (FSDP2, all sharded)
     zero_stage: int = 0  # deepspeed: 0, 1 (optimizer state sharded) or 2 (+ gradients sharded)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, passed through
-    reshard_after_forward: bool = (
-        True  # fsdp: free gathered parameters after forward (regathered in backward)
-    )
+    reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward, regather in backward
+    prefetch: int = 0  # fsdp: all-gathers issued this many units ahead explicitly (0: FSDP2's own)
 
 
 @dataclass
@@ -254,6 +253,7 @@ def validate(cfg: Config, *, world_size: int) -> None:
     e = cfg.engine
     _require(e.name in ENGINES, "engine.name", e.name, f"must be one of {ENGINES}")
     _require(e.zero_stage in (0, 1, 2), "engine.zero_stage", e.zero_stage, "must be 0, 1 or 2")
+    _require(e.prefetch >= 0, "engine.prefetch", e.prefetch, "must be >= 0")
     _require(
         e.name == "deepspeed" or e.zero_stage == 0,
         "engine.zero_stage",

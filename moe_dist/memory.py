@@ -53,7 +53,9 @@ def peak_memory_bytes(device: torch.device) -> float:
 
 class AllocatorPeak:
     """``with AllocatorPeak(device) as peak: ...`` then ``peak.bytes``: the most bytes held at any moment by
-    tensors allocated inside the window (net of frees inside it, including frees of older tensors)."""
+    tensors allocated inside the window, net of their frees inside it. On CPU the profiler leaves out the free
+    of a block allocated before the window (its size is unknown to it), so such frees are not subtracted: an
+    upper bound when the window frees older tensors (a training step frees few: gradients go at ``zero_grad``, before it)."""
 
     def __init__(self, device: torch.device):
         self.device = device

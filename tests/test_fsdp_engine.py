@@ -64,6 +64,9 @@ WORLD2_RUNS = {
             "engine=fsdp", f"trainer.activation_checkpointing={mode}", f"trainer.stop_at_step={SHORT}"]
         for mode in ("full", "moe", "every_n:2")
     },
+    # Gathered units kept from forward to backward, all-gathers issued one unit ahead.
+    "w2_ep2_fsdp_prefetch": [*FP64, "parallel.ep=2", "trainer.micro_batch_size=4", "engine=fsdp",
+        "engine.reshard_after_forward=false", "engine.prefetch=1", f"trainer.stop_at_step={SHORT}"],
     "w2_ep2_native_ac_moe_budget": [*FP64, "parallel.ep=2", "trainer.micro_batch_size=4",
         "trainer.activation_checkpointing=moe", "model.moe.recv_budget=64", f"trainer.stop_at_step={SHORT}"],
     "w2_ep2_fsdp_bf16": ["trainer.precision=bf16", f"trainer.max_steps={STEPS}", "parallel.ep=2",
@@ -263,11 +266,11 @@ def test_misscaled_expert_gradient_fails_the_fp64_check(results):
     assert norm > 1e-3
 
 
-@pytest.mark.parametrize("mode", ["full", "moe", "every_n2"])
-def test_activation_checkpointing_gives_the_losses_of_none_under_fsdp(results, mode):
+@pytest.mark.parametrize("mode", ["ac_full", "ac_moe", "ac_every_n2", "prefetch"])
+def test_checkpointing_and_prefetch_give_the_losses_of_plain_fsdp(results, mode):
     root, _ = results
     loss, norm = max_deltas(
-        records(root, f"w2_ep2_fsdp_ac_{mode}"), records(root, "w2_ep2_fsdp"), range(1, SHORT + 1)
+        records(root, f"w2_ep2_fsdp_{mode}"), records(root, "w2_ep2_fsdp"), range(1, SHORT + 1)
     )
     assert loss <= 1e-12 and norm <= 1e-12
 

@@ -82,7 +82,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-def parallelize_fsdp(model: nn.Module, mesh: Mesh, *, bf16: bool, reshard_after_forward: bool) -> nn.Module:
+def parallelize_fsdp(
+    model: nn.Module, mesh: Mesh, *, bf16: bool, reshard_after_forward: bool, prefetch: int = 0
+) -> nn.Module:
     """Shards the parameters with FSDP2 (in place; after ``parallelize_moe`` and activation checkpointing,
     on the meta device or on real tensors): dense parameters over all W ranks, one unit per block plus the
     embedding and the head; expert parameters over their EDP group.
@@ -91,7 +93,9 @@ def parallelize_fsdp(model: nn.Module, mesh: Mesh, *, bf16: bool, reshard_after_
     rank's L experts), then FSDP shards them over ``edp``: a 2-D (edp, ep) DTensor whose files in a checkpoint
     hold the global layout. FSDP splits dim 0 (the L local experts) when edp divides L, else dim 1 (the model
     dim), so that no rank gets an empty shard. ``bf16``: parameters are gathered in bf16 and gradients
-    reduced in fp32 (``MixedPrecisionPolicy``); each router is a unit of its own kept in fp32.
+    reduced in fp32 (``MixedPrecisionPolicy``); each router is a unit of its own kept in fp32. ``prefetch``:
+    each unit issues the all-gathers of the next ``prefetch`` units (forward) and of the previous ones
+    (backward) itself, before its own compute, instead of when the CPU reaches them.
     Needs a process group, also at world 1 (``mesh.device_mesh`` is not None).
     """
     assert mesh.device_mesh is not None, "engine=fsdp needs a process group, also at world 1"
@@ -122,6 +126,11 @@ def parallelize_fsdp(model: nn.Module, mesh: Mesh, *, bf16: bool, reshard_after_
     # The head runs last in forward and first in backward: resharding it in between would only regather it.
     fully_shard(model.output, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
     fully_shard(model, mesh=dp_mesh, **options)
+    if prefetch:
+        units = [model.tok_embeddings, *model.layers, model.output]
+        for i, unit in enumerate(units):
+            unit.set_modules_to_forward_prefetch(units[i + 1 : i + 1 + prefetch])
+            unit.set_modules_to_backward_prefetch(units[max(0, i - prefetch) : i][::-1])
     return model
 
 
