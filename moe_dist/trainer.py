@@ -384,7 +384,8 @@ class Cadence:
         peak = torch.tensor([peak_memory_bytes(run.device) / 2**20], dtype=torch.float64, device=run.device)
         if run.mesh.world_group is not None:
             gathered = peak.new_empty(run.mesh.world_size)
-            dist.all_gather_into_tensor(gathered, peak, group=run.mesh.world_group)
+            all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            all_gather(gathered, peak, group=run.mesh.world_group)
             peak = gathered
         return {"peak_memory_mib": peak.tolist(), "peak_memory_source": peak_memory_source(run.device)}
 
