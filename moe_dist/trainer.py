@@ -76,7 +76,7 @@ def validate_run(cfg: Config, *, world_size: int) -> None:
     """Every check of a run config, before any collective or file write: the schema (config.py), the chosen
     engine's own config, and the checkpoint to resume from."""
     validate(cfg, world_size=world_size)
-    validate_engine(cfg.engine, cfg.trainer, world_size=world_size, model_init_from=cfg.model.init_from)
+    validate_engine(cfg.engine, cfg.trainer, world_size=world_size, model=cfg.model, ep=cfg.parallel.ep)
     validate_resume(cfg.trainer.resume)
 
 

@@ -50,8 +50,9 @@ WORLD1_RUNS = {
 WORLD2_RUNS = {
     "w2_ep2_native": [*FP64, "parallel.ep=2", "trainer.micro_batch_size=4"],
     "w2_ep1_native": [*FP64, "parallel.ep=1", "trainer.micro_batch_size=4"],
+    # Evaluation right before the checkpoint: a forward without backward leaves the head gathered.
     "w2_ep2_fsdp": [*FP64, "parallel.ep=2", "trainer.micro_batch_size=4", "engine=fsdp",
-                    f"trainer.ckpt_every={RESUME_FROM}"],
+                    f"trainer.ckpt_every={RESUME_FROM}", f"trainer.eval_every={RESUME_FROM}", "trainer.eval_batches=1"],
     "w2_ep1_fsdp": [*FP64, "parallel.ep=1", "trainer.micro_batch_size=4", "engine=fsdp"],
     # Two micro-steps per optimizer step at world 2 as at world 1: the same sequences in each micro-step.
     "w2_ep2_native_acc2": [*FP64, "parallel.ep=2", "trainer.accum_steps=2"],
@@ -336,17 +337,34 @@ def test_metrics_record_peak_memory_per_rank(results):
 
 
 @pytest.mark.parametrize(
-    ("engine", "trainer", "init_from", "message"),
+    ("engine", "trainer", "model", "world", "message"),
     [
-        ("deepspeed", {"precision": "fp64"}, None, "trainer.precision='fp64': DeepSpeed reduces"),
-        ("fsdp", {}, "/some/hf_dir", "model.init_from='/some/hf_dir': not supported with engine.name='fsdp'"),
+        ("deepspeed", {"precision": "fp64"}, {}, 2, "trainer.precision='fp64': DeepSpeed reduces"),
+        ("fsdp", {}, {"init_from": "/hf"}, 2, "model.init_from='/hf': not supported with engine.name='fsdp'"),
+        # 2 experts over ep 2 and edp 4: FSDP splits dim 1 of the expert weights, which must be even.
+        ("fsdp", {}, {"dim": 34}, 8, r"model.dim=34: must be divisible by edp = world / parallel.ep = 4"),
+        (
+            "fsdp",
+            {},
+            {"moe": {"expert_hidden": 30}},
+            8,
+            r"model.moe.expert_hidden=30: must be divisible by edp",
+        ),
     ],
 )
-def test_engine_checks_name_the_key(engine, trainer, init_from, message):
-    from moe_dist.config import EngineConfig, TrainerConfig
+def test_engine_checks_name_the_key(engine, trainer, model, world, message):
+    from moe_dist.config import EngineConfig, ModelConfig, MoEConfig, TrainerConfig
     from moe_dist.engines import validate_engine
 
+    moe = MoEConfig(num_experts=2, top_k=1, norm_topk=False, **model.pop("moe", {}))
     with pytest.raises(ValueError, match=message):
         validate_engine(
-            EngineConfig(name=engine), TrainerConfig(**trainer), world_size=2, model_init_from=init_from
+            EngineConfig(name=engine),
+            TrainerConfig(**trainer),
+            world_size=world,
+            model=ModelConfig(moe=moe, **model),
+            ep=2,
         )
+    if engine == "fsdp" and "init_from" not in model:  # the default sizes split evenly
+        even = ModelConfig(moe=MoEConfig(num_experts=2, top_k=1, norm_topk=False))
+        validate_engine(EngineConfig(name=engine), TrainerConfig(), world_size=world, model=even, ep=2)

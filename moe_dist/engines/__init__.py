@@ -10,7 +10,7 @@ import importlib.util
 
 from torch import nn
 
-from moe_dist.config import EngineConfig, TrainerConfig
+from moe_dist.config import EngineConfig, ModelConfig, TrainerConfig
 from moe_dist.engines.base import ADAM_SLOTS, Engine, zero_adam_state
 from moe_dist.parallel.mesh import Mesh
 
@@ -18,14 +18,16 @@ __all__ = ["ADAM_SLOTS", "Engine", "build_engine", "validate_engine", "zero_adam
 
 
 def validate_engine(
-    engine: EngineConfig, trainer: TrainerConfig, *, world_size: int, model_init_from: str | None = None
+    engine: EngineConfig,
+    trainer: TrainerConfig,
+    *,
+    world_size: int,
+    model: ModelConfig | None = None,
+    ep: int = 1,
 ) -> None:
     """The chosen engine's own checks (beyond the schema's); ValueError naming the key and value."""
-    if engine.name == "fsdp" and model_init_from:
-        raise ValueError(
-            f"model.init_from={model_init_from!r}: not supported with engine.name='fsdp' yet (its loader writes "
-            "unsharded tensors); start from it with engine=native, then resume that checkpoint with fsdp"
-        )
+    if engine.name == "fsdp" and model is not None:
+        validate_fsdp_model(model, world_size=world_size, ep=ep)
     if engine.name == "deepspeed":
         if trainer.precision == "fp64":
             raise ValueError(
@@ -39,6 +41,26 @@ def validate_engine(
         from moe_dist.engines.deepspeed import deepspeed_config
 
         deepspeed_config(engine, trainer, world_size=world_size)  # ValueError naming engine.deepspeed.<key>
+
+
+def validate_fsdp_model(model: ModelConfig, *, world_size: int, ep: int) -> None:
+    """What FSDP2 x EP cannot shard: expert weights split along the model dim must split evenly."""
+    if model.init_from:
+        raise ValueError(
+            f"model.init_from={model.init_from!r}: not supported with engine.name='fsdp' yet (its loader writes "
+            "unsharded tensors); start from it with engine=native, then resume that checkpoint with fsdp"
+        )
+    edp, num_local = world_size // ep, model.moe.num_experts // ep
+    if model.moe.num_experts == 0 or num_local % edp == 0:
+        return  # experts split along the expert dim
+    # FSDP2 shards w_gate_up [L, D, 2F] and w_down [L, F, D] along dim 1 (D, F) and needs it even there.
+    for key, value in (("model.dim", model.dim), ("model.moe.expert_hidden", model.moe.expert_hidden)):
+        if value % edp:
+            raise ValueError(
+                f"{key}={value}: must be divisible by edp = world / parallel.ep = {edp} with engine.name='fsdp' "
+                f"when edp does not divide the {num_local} local experts (FSDP then splits the expert weights "
+                "along this dim)"
+            )
 
 
 def build_engine(model: nn.Module, *, engine: EngineConfig, trainer: TrainerConfig, mesh: Mesh) -> Engine:

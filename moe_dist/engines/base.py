@@ -39,10 +39,13 @@ class Engine(Protocol):
 def live_adam_slots(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
     """A torch AdamW's live state tensors per parameter name, creating zero slots for a fresh optimizer (so
     that a checkpoint load has tensors to fill in place)."""
+    known = {id(p) for group in optimizer.param_groups for p in group["params"]}
     slots = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        # A tensor the optimizer does not step (e.g. a gathered FSDP parameter) would get zero slots silently.
+        assert id(p) in known, f"{name} is not a parameter of the optimizer"
         state = optimizer.state[p]
         if not state:
             state.update(zero_adam_state(p))

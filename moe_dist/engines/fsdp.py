@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from moe_dist.config import TrainerConfig
 from moe_dist.engines.base import live_adam_slots
@@ -54,7 +55,15 @@ class FSDPEngine:
         set_lr(self.optimizer, lr)
 
     def optimizer_slots(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The live state: DTensors shaped and placed like their parameters."""
+        """The live state: DTensors shaped and placed like their parameters.
+
+        Every unit is resharded first: a forward without backward (evaluation) leaves the units that do not
+        reshard after forward (the head; all with engine.reshard_after_forward=false) gathered, and their
+        module attributes are then the gathered tensors, not the optimizer's sharded parameters.
+        """
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
         return live_adam_slots(self.model, self.optimizer)
 
     def load_optimizer_slots(self, slots: dict[str, dict[str, torch.Tensor]]) -> None:
