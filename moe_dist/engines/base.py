@@ -5,7 +5,8 @@
   identical on all ranks;
 - ``step(grad_norm, max_norm=...)``: clips with that norm and steps; ``zero_grad()``; ``set_lr(lr)``;
 - ``optimizer_slots()`` → ``{param name: {"step", "exp_avg", "exp_avg_sq"}}`` with full (unpartitioned)
-  per-parameter tensors in moe_dist's layout (expert tensors are this rank's EP shard), and
+  per-parameter tensors in moe_dist's layout (expert tensors are this rank's EP shard), or DTensors whose
+  placements give the global layout (engine=fsdp: saved as they are, never gathered), and
   ``load_optimizer_slots(slots)`` to put such tensors back (called after the model weights are loaded).
   Checkpoints only see this, so they reshard across EP sizes *and* across engines.
 """
