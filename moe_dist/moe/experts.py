@@ -71,9 +71,7 @@ class GroupedExperts(nn.Module):
         )
         dtype = dtype or self.w_gate_up.dtype
         w_gate_up, w_down = self.w_gate_up, self.w_down
-        if isinstance(
-            w_gate_up, DTensor
-        ):  # engine=fsdp: the unsharded weights are this EP rank's DTensor shard
+        if isinstance(w_gate_up, DTensor):  # engine=fsdp: gathered, a DTensor of this EP rank's L experts
             w_gate_up, w_down = w_gate_up.to_local(), w_down.to_local()
         x_RD, w_gate_up, w_down = x_RD.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
         if self.uses_grouped_mm(dtype, x_RD.device):
