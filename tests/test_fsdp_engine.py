@@ -68,8 +68,11 @@ WORLD2_RUNS = {
     # Gathered units kept from forward to backward, all-gathers issued one unit ahead.
     "w2_ep2_fsdp_prefetch": [*FP64, "parallel.ep=2", "trainer.micro_batch_size=4", "engine=fsdp",
         "engine.reshard_after_forward=false", "engine.prefetch=1", f"trainer.stop_at_step={SHORT}"],
-    "w2_ep2_native_ac_moe_budget": [*FP64, "parallel.ep=2", "trainer.micro_batch_size=4",
-        "trainer.activation_checkpointing=moe", "model.moe.recv_budget=64", f"trainer.stop_at_step={SHORT}"],
+    **{
+        f"w2_ep2_native_ac_{mode}_budget": [*FP64, "parallel.ep=2", "trainer.micro_batch_size=4",
+            f"trainer.activation_checkpointing={mode}", "model.moe.recv_budget=64", f"trainer.stop_at_step={SHORT}"]
+        for mode in ("moe", "full")  # full: the budget's per-round recompute nested in the block's
+    },
     "w2_ep2_fsdp_bf16": ["trainer.precision=bf16", f"trainer.max_steps={STEPS}", "parallel.ep=2",
         "trainer.micro_batch_size=4", "engine=fsdp", f"trainer.stop_at_step={SHORT}"],
     "w2_ep2_native_bf16": ["trainer.precision=bf16", f"trainer.max_steps={STEPS}", "parallel.ep=2",
@@ -276,9 +279,10 @@ def test_checkpointing_and_prefetch_give_the_losses_of_plain_fsdp(results, mode)
     assert loss <= 1e-12 and norm <= 1e-12
 
 
-def test_moe_checkpointing_with_the_receive_budget(results):
+@pytest.mark.parametrize("mode", ["moe", "full"])
+def test_checkpointing_with_the_receive_budget(results, mode):
     root, _ = results
-    got = records(root, "w2_ep2_native_ac_moe_budget")
+    got = records(root, f"w2_ep2_native_ac_{mode}_budget")
     loss, norm = max_deltas(got, records(root, "w1_native"), range(1, SHORT + 1))
     assert loss <= TOL64 and norm <= TOL64
     assert min(r["exchange_rounds"] for r in got.values()) >= 2
