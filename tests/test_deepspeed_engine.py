@@ -1,4 +1,5 @@
-"""The DeepSpeed engine (ZeRO-0/1/2 over moe_dist's edp x ep mesh) against the native engine.
+"""The DeepSpeed engine (ZeRO-0/1/2 over moe_dist's edp x ep mesh) against the native engine (and the fsdp
+engine: equal runs, and checkpoints resumed across the two).
 
 One spawn of two gloo ranks runs every job in sequence: whole training runs through the trainer (same loss and
 grad norm at every step with clipping active, cross-engine resume across EP sizes), then the engines driven
@@ -84,6 +85,14 @@ RUNS = {
         *BF16,
         "trainer.resume={root}/bf16_zero2_ep2/checkpoints/step_3",
     ],
+    "fsdp_ep2": ["parallel.ep=2", "engine=fsdp", "trainer.ckpt_every=3"],
+    # Activation checkpointing under ZeRO-2: the same run.
+    "zero2_ep2_ac_full": [
+        "parallel.ep=2",
+        *DEEPSPEED,
+        "engine.zero_stage=2",
+        "trainer.activation_checkpointing=full",
+    ],
     # Cross-engine resume from the step-3 checkpoints above, at the other EP size.
     "native_ep1_from_zero2_ep2": ["parallel.ep=1", "trainer.resume={root}/zero2_ep2/checkpoints/step_3"],
     "zero2_ep1_from_native_ep2": [
@@ -91,6 +100,17 @@ RUNS = {
         *DEEPSPEED,
         "engine.zero_stage=2",
         "trainer.resume={root}/native_ep2/checkpoints/step_3",
+    ],
+    "fsdp_ep1_from_zero2_ep2": [
+        "parallel.ep=1",
+        "engine=fsdp",
+        "trainer.resume={root}/zero2_ep2/checkpoints/step_3",
+    ],
+    "zero2_ep1_from_fsdp_ep2": [
+        "parallel.ep=1",
+        *DEEPSPEED,
+        "engine.zero_stage=2",
+        "trainer.resume={root}/fsdp_ep2/checkpoints/step_3",
     ],
 }
 ENGINE_CASES = {  # (ep, engine overrides) for the engine-level checks
@@ -360,6 +380,17 @@ def test_save_and_load_memory_stay_within_a_piece_of_the_live_state(results):
             assert 8 * m["parameters"] > 2 * (2 * m["largest_piece"] + slack)
 
 
+def test_fsdp_matches_native_with_clipping_and_accumulation(results):
+    """fp32, two micro-steps per rank, clipping active on some steps (the fp64 proofs: test_fsdp_engine.py)."""
+    root, _ = results
+    assert_same_run(records(root / "native_ep2"), records(root / "fsdp_ep2"), range(1, STEPS + 1))
+
+
+def test_activation_checkpointing_under_zero2_gives_the_same_run(results):
+    root, _ = results
+    assert_same_run(records(root / "zero2_ep2"), records(root / "zero2_ep2_ac_full"), range(1, STEPS + 1))
+
+
 def test_zero0_matches_native(results):
     root, _ = results
     assert_same_run(records(root / "native_ep2"), records(root / "zero0_ep2"), range(1, STEPS + 1))
@@ -367,7 +398,12 @@ def test_zero0_matches_native(results):
 
 @pytest.mark.parametrize(
     ("resumed", "uninterrupted"),
-    [("native_ep1_from_zero2_ep2", "zero2_ep2"), ("zero2_ep1_from_native_ep2", "native_ep2")],
+    [
+        ("native_ep1_from_zero2_ep2", "zero2_ep2"),
+        ("zero2_ep1_from_native_ep2", "native_ep2"),
+        ("fsdp_ep1_from_zero2_ep2", "zero2_ep2"),
+        ("zero2_ep1_from_fsdp_ep2", "fsdp_ep2"),
+    ],
 )
 def test_checkpoints_resume_across_engines_and_ep_sizes(results, resumed, uninterrupted):
     root, _ = results

@@ -78,7 +78,8 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_TD = x.reshape(-1, x.shape[-1])
-        routing = self.router(x_TD)
+        # [..., S, D]: sequences of S tokens (the sequence aux-loss scope); a 2-D input is one sequence.
+        routing = self.router(x_TD, seq_len=x.shape[-2] if x.dim() >= 3 else None)
         x_rows_TD = x_TD
         if torch.is_autocast_enabled(x.device.type):  # rows cross the all-to-all in bf16, not fp32
             x_rows_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
@@ -91,7 +92,7 @@ class MoELayer(nn.Module):
             experts=self.experts,
         )
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD).float()
+            y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
         self.stats = MoEStats(
             aux_loss=routing.aux_loss,
             z_loss=routing.z_loss,
