@@ -15,6 +15,7 @@ engines and accumulation splits (one spawn of 2 gloo ranks and one of 4 run ever
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -27,10 +28,20 @@ from torch.distributed.tensor import DTensor, Shard
 from training_runs import TINY, compose_config, run
 
 import moe_dist.engines.native as native_engine
+from moe_dist.checkpoint import (
+    SafeFileSystemReader,
+    checkpoint_group,
+    load_checkpoint,
+    model_state,
+    read_tensors,
+    save_checkpoint,
+    saved_tensors,
+)
 from moe_dist.engines import build_engine
 from moe_dist.metrics import read_metrics
 from moe_dist.model.build import build_model
 from moe_dist.parallel.apply import scale_expert_grads_
+from moe_dist.parallel.layout import pieces_of
 from moe_dist.parallel.mesh import build_mesh, single_process_mesh
 from moe_dist.trainer import lm_loss
 
@@ -39,14 +50,19 @@ SHORT = 6  # activation checkpointing and bf16 runs: the first steps of the same
 TOL64 = 1e-9
 FP64 = ["trainer.precision=fp64", f"trainer.max_steps={STEPS}"]
 RESUME_FROM, RESUME_TO = 10, 13
+BF16_RESUME_FROM = 3
 
 WORLD1_RUNS = {
     "w1_native": [*FP64, "trainer.micro_batch_size=8", f"trainer.ckpt_every={RESUME_FROM}"],
     "w1_native_acc2": [*FP64, "trainer.accum_steps=2"],
     "w1_native_seq": [*FP64, "trainer.micro_batch_size=8", "model.moe.aux_loss_scope=sequence"],
     # The one-rank process group that fsdp creates at world 1 (destroyed after the run, see the fixture).
-    "w1_fsdp": [*FP64, "trainer.micro_batch_size=8", "engine=fsdp", f"trainer.stop_at_step={SHORT}"],
-}
+    # Async checkpoints on the gloo checkpoint group beside it; then a resume at world 1.
+    "w1_fsdp": [*FP64, "trainer.micro_batch_size=8", "engine=fsdp", f"trainer.stop_at_step={SHORT}",
+                f"trainer.ckpt_every={BF16_RESUME_FROM}", "trainer.async_checkpoint=true"],
+    "w1_fsdp_resumed": [*FP64, "trainer.micro_batch_size=8", "engine=fsdp", f"trainer.stop_at_step={SHORT}",
+                        f"trainer.resume={{root}}/w1_fsdp/checkpoints/step_{BF16_RESUME_FROM}"],
+}  # fmt: skip
 WORLD2_RUNS = {
     "w2_ep2_native": [*FP64, "parallel.ep=2", "trainer.micro_batch_size=4"],
     "w2_ep1_native": [*FP64, "parallel.ep=1", "trainer.micro_batch_size=4"],
@@ -74,16 +90,28 @@ WORLD2_RUNS = {
         for mode in ("moe", "full")  # full: the budget's per-round recompute nested in the block's
     },
     "w2_ep2_fsdp_bf16": ["trainer.precision=bf16", f"trainer.max_steps={STEPS}", "parallel.ep=2",
-        "trainer.micro_batch_size=4", "engine=fsdp", f"trainer.stop_at_step={SHORT}"],
+        "trainer.micro_batch_size=4", "engine=fsdp", f"trainer.stop_at_step={SHORT}",
+        f"trainer.ckpt_every={BF16_RESUME_FROM}"],
     "w2_ep2_native_bf16": ["trainer.precision=bf16", f"trainer.max_steps={STEPS}", "parallel.ep=2",
         "trainer.micro_batch_size=4", f"trainer.stop_at_step={SHORT}"],
     "w2_ep2_fsdp_from_w1_native": [*FP64, "parallel.ep=2", "trainer.micro_batch_size=4", "engine=fsdp",
         f"trainer.resume={{root}}/w1_native/checkpoints/step_{RESUME_FROM}", f"trainer.stop_at_step={RESUME_TO}"],
+    # The world-4 (ep 2 x edp 2) fsdp checkpoint at world 2, ep 1: experts now FSDP-sharded over edp 2.
+    "w2_ep1_fsdp_from_w4_fsdp": [*FP64, "parallel.ep=1", "trainer.micro_batch_size=4", "engine=fsdp",
+        f"trainer.resume={{root}}/w4_ep2_fsdp/checkpoints/step_{RESUME_FROM}", f"trainer.stop_at_step={RESUME_TO}"],
+    # bf16 resumed from its step-3 checkpoint: the fp32 masters must come back bitwise.
+    "w2_ep2_fsdp_bf16_resumed": ["trainer.precision=bf16", f"trainer.max_steps={STEPS}", "parallel.ep=2",
+        "trainer.micro_batch_size=4", "engine=fsdp", f"trainer.stop_at_step={SHORT}",
+        f"trainer.resume={{root}}/w2_ep2_fsdp_bf16/checkpoints/step_{BF16_RESUME_FROM}"],
 }  # fmt: skip
 WORLD4_RUNS = {
     "w4_ep2_native": [*FP64, "parallel.ep=2", "trainer.micro_batch_size=2"],
-    "w4_ep2_fsdp": [*FP64, "parallel.ep=2", "trainer.micro_batch_size=2", "engine=fsdp"],
-}
+    # Experts 2-D sharded (ep, then FSDP over edp on dim 0); its checkpoints are written in the background.
+    "w4_ep2_fsdp": [*FP64, "parallel.ep=2", "trainer.micro_batch_size=2", "engine=fsdp",
+                    f"trainer.ckpt_every={RESUME_FROM}", "trainer.async_checkpoint=true"],
+    "w4_ep2_fsdp_from_w1_native": [*FP64, "parallel.ep=2", "trainer.micro_batch_size=2", "engine=fsdp",
+        f"trainer.resume={{root}}/w1_native/checkpoints/step_{RESUME_FROM}", f"trainer.stop_at_step={RESUME_TO}"],
+}  # fmt: skip
 AFTER_RUNS = {  # world 1 again, after the world-2 checkpoint exists
     "w1_native_from_w2_fsdp": [*FP64, "trainer.micro_batch_size=8",
         f"trainer.resume={{root}}/w2_ep2_fsdp/checkpoints/step_{RESUME_FROM}", f"trainer.stop_at_step={RESUME_TO}"],
@@ -115,8 +143,9 @@ def misscaled_run(root: str) -> None:
         native_engine.sync_gradients = original
 
 
-def engine_case(rank: int, world: int, ep: int, num_experts: int) -> dict:
-    """One fp64 step of fsdp on this rank's slice of the batch vs one native step of one process on it all."""
+def engine_case(rank: int, world: int, ep: int, num_experts: int, *, checkpoint_dir: str) -> dict:
+    """One fp64 step of fsdp on this rank's slice of the batch vs one native step of one process on it all;
+    then its checkpoint (``fsdp_checkpoint_roundtrip``)."""
     overrides = [*TINY, "trainer.precision=fp64", f"model.moe.num_experts={num_experts}", "trainer.lr=1e-2"]
     ref_cfg = compose_config(overrides)
     cfg = compose_config([*overrides, "engine=fsdp", f"parallel.ep={ep}"])
@@ -157,6 +186,49 @@ def engine_case(rank: int, world: int, ep: int, num_experts: int) -> dict:
         "local_numel": sum(p.to_local().numel() for p in model.parameters()),
         "global_numel": sum(p.numel() for p in model.parameters()),
         "expert_shard_dim": next(p.dim for p in expert.placements if isinstance(p, Shard)),
+        **fsdp_checkpoint_roundtrip(model, engine, mesh, inputs[rows], checkpoint_dir=checkpoint_dir),
+    }
+
+
+def fsdp_checkpoint_roundtrip(model, engine, mesh, inputs: torch.Tensor, *, checkpoint_dir: str) -> dict:
+    """Saves the fsdp state after an evaluation forward (which leaves the head gathered), reads it back whole
+    in one process, then zeroes the live shards and loads them from the files.
+
+    Returns what this rank handed the checkpoint (every model/optim tensor a DTensor whose pieces are views of
+    the optimizer's live local shards, their bytes against the global state's), and the largest difference
+    of the saved and of the reloaded tensors to the gathered parameters and AdamW slots (bitwise expected).
+    """
+    with torch.no_grad():
+        model(inputs)
+    state = engine.checkpoint_state()
+    state = model_state(model, mesh) | state
+    live = {}  # storage of every live local shard: the parameters the optimizer steps and their slots
+    for group in engine.optimizer.param_groups:
+        for p in group["params"]:
+            for t in [p, *(v for v in engine.optimizer.state[p].values() if isinstance(v, DTensor))]:
+                live[t.to_local().untyped_storage().data_ptr()] = t
+    # Every parameter and slot; not the step counts and the router's expert_bias buffers (whole, replicated).
+    sharded = [k for k in state if not k.endswith((".step", "expert_bias"))]
+    pieces = [t for k in sharded for _, t in pieces_of(state[k])[1]]
+    unaliased = sum(not isinstance(state[k], DTensor) for k in sharded)
+    unaliased += sum(t.untyped_storage().data_ptr() not in live for t in pieces)
+    whole = {name: v.full_tensor() if isinstance(v, DTensor) else v.clone() for name, v in state.items()}
+    group = checkpoint_group()
+    save_checkpoint(checkpoint_dir, step=1, state=state, meta={"model": {}}, keep=1, group=group)
+    saved = read_tensors(SafeFileSystemReader(f"{checkpoint_dir}/checkpoints/step_1"), list(state))
+    with torch.no_grad():
+        for v in state.values():
+            (v.to_local() if isinstance(v, DTensor) else v).zero_()
+    loaded = model_state(model, mesh) | engine.checkpoint_state()
+    load_checkpoint(f"{checkpoint_dir}/checkpoints/step_1", state=loaded, model_cfg={}, group=group)
+    engine.after_checkpoint_load(loaded)
+    reloaded = {name: v.full_tensor() if isinstance(v, DTensor) else v for name, v in loaded.items()}
+    return {
+        "unaliased_pieces": unaliased,
+        "held_fraction": sum(t.numel() for t in pieces) / sum(whole[k].numel() for k in sharded),
+        "saved_err": max((saved[k].double() - w.double()).abs().max().item() for k, w in whole.items()),
+        "loaded_err": max((reloaded[k].double() - w.double()).abs().max().item() for k, w in whole.items()),
+        "saved_keys": sorted(saved) == sorted(whole) and any(".exp_avg_sq" in k for k in saved),
     }
 
 
@@ -166,9 +238,20 @@ def world_jobs(rank: int, world: int, root: str) -> dict:
         misscaled_run(root)
     else:
         run_all(WORLD4_RUNS, root)
-    out = {name: engine_case(rank, world, ep, e) for name, (ep, e) in ENGINE_CASES[world].items()}
+    out = {
+        name: engine_case(rank, world, ep, e, checkpoint_dir=f"{root}/engine_{name}")
+        for name, (ep, e) in ENGINE_CASES[world].items()
+    }
     for result in out.values():  # the worst rank
-        for key in ("grad_err", "norm_err", "param_err"):
+        for key in (
+            "grad_err",
+            "norm_err",
+            "param_err",
+            "saved_err",
+            "loaded_err",
+            "held_fraction",
+            "unaliased_pieces",
+        ):
             t = torch.tensor(result[key], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             result[key] = t.item()
@@ -183,8 +266,9 @@ def results(tmp_path_factory) -> tuple[Path, dict]:
     finally:
         if dist.is_initialized():  # the one-rank group of the world-1 fsdp run
             dist.destroy_process_group()
-    engine = spawn_ranks(2, world_jobs, str(root))[0]
-    engine.update(spawn_ranks(4, world_jobs, str(root))[0])
+    # World 4 first: world 2 resumes its checkpoint.
+    engine = spawn_ranks(4, world_jobs, str(root))[0]
+    engine.update(spawn_ranks(2, world_jobs, str(root))[0])
     run_all(AFTER_RUNS, str(root))
     return root, engine
 
@@ -302,14 +386,82 @@ def test_bf16_mixed_precision_trains_on_cpu_close_to_fp64(results, layout):
 
 @pytest.mark.parametrize(
     ("resumed", "uninterrupted"),
-    [("w2_ep2_fsdp_from_w1_native", "w1_native"), ("w1_native_from_w2_fsdp", "w2_ep2_fsdp")],
+    [
+        ("w2_ep2_fsdp_from_w1_native", "w1_native"),
+        ("w1_native_from_w2_fsdp", "w2_ep2_fsdp"),
+        ("w4_ep2_fsdp_from_w1_native", "w1_native"),
+        ("w2_ep1_fsdp_from_w4_fsdp", "w4_ep2_fsdp"),
+        ("w1_fsdp_resumed", "w1_fsdp"),
+    ],
 )
 def test_checkpoints_resume_across_engines_and_worlds(results, resumed, uninterrupted):
+    """fp64, so a wrong or missing piece of any parameter or AdamW slot shows far above 1e-9."""
     root, _ = results
     got = records(root, resumed)
-    assert sorted(got) == list(range(RESUME_FROM + 1, RESUME_TO + 1))
+    first = BF16_RESUME_FROM if resumed == "w1_fsdp_resumed" else RESUME_FROM
+    assert sorted(got) == list(range(first + 1, max(got) + 1)) and len(got) == 3
     loss, norm = max_deltas(got, records(root, uninterrupted), sorted(got))
+    print(f"{resumed} vs {uninterrupted}: max |dloss| {loss:.1e}, max rel |dnorm| {norm:.1e}")
     assert loss <= TOL64 and norm <= TOL64
+
+
+@pytest.mark.parametrize(("name", "steps"), [("w4_ep2_fsdp", [RESUME_FROM, STEPS]), ("w1_fsdp", [3, SHORT])])
+def test_fsdp_checkpoints_were_written_in_the_background(results, name, steps):
+    """The runs above resumed from these: async saves of fsdp at world 4 (ep 2 x edp 2) and at world 1 (the
+    one-rank process group, with the checkpoint's gloo group beside it)."""
+    root, _ = results
+    saves = [r for r in read_metrics(root / name) if "checkpoint_async" in r]
+    assert [r["step"] for r in saves] == steps and all(r["checkpoint_async"] for r in saves)
+    completed = [
+        r["checkpoint_completed_step"] for r in read_metrics(root / name) if "checkpoint_write_s" in r
+    ]
+    assert completed == steps
+    for step in steps:
+        meta = json.loads((root / name / "checkpoints" / f"step_{step}" / "meta.json").read_text())
+        assert meta["world_size"] == int(name[1]) and meta["engine"] == "fsdp"
+
+
+def test_bf16_checkpoints_hold_fp32_masters_and_fsdp_resumes_them_bitwise(results):
+    """trainer.precision=bf16: FSDP2 gathers bf16 copies of fp32 shards, native autocasts over fp32
+    parameters; both checkpoints hold the fp32 masters. The fsdp run resumed from step 3 ends at step 6 with
+    the very masters and AdamW slots of the uninterrupted run."""
+    root, _ = results
+    for name in ("w2_ep2_fsdp_bf16", "w2_ep2_native_bf16"):
+        saved = saved_tensors(SafeFileSystemReader(str(root / name / "checkpoints" / f"step_{SHORT}")))
+        masters = [k for k in saved if k.startswith("model.") and not k.endswith("expert_bias")]
+        assert masters and all(saved[k][1] == torch.float32 for k in saved), name
+        tensors = read_tensors(
+            SafeFileSystemReader(str(root / name / "checkpoints" / f"step_{SHORT}")), masters
+        )
+        # Most elements carry more than bf16 holds (bf16 weights would make this fraction 0).
+        finer = sum((t != t.bfloat16().float()).sum().item() for t in tensors.values())
+        assert finer > 0.5 * sum(t.numel() for t in tensors.values()), name
+    readers = [
+        SafeFileSystemReader(str(root / name / "checkpoints" / f"step_{SHORT}"))
+        for name in ("w2_ep2_fsdp_bf16", "w2_ep2_fsdp_bf16_resumed")
+    ]
+    names = [k for k in saved_tensors(readers[0]) if k.startswith(("model.", "optim."))]
+    a, b = (read_tensors(r, names) for r in readers)
+    for name in names:
+        assert torch.equal(a[name], b[name]), f"{name}: max |diff| {(a[name] - b[name]).abs().max():.3e}"
+    after, before = records(root, "w2_ep2_fsdp_bf16_resumed"), records(root, "w2_ep2_fsdp_bf16")
+    assert sorted(after) == list(range(BF16_RESUME_FROM + 1, SHORT + 1))
+    assert all(after[s]["loss"] == before[s]["loss"] for s in after)
+
+
+@pytest.mark.parametrize("case", [c for cases in ENGINE_CASES.values() for c in cases])
+def test_fsdp_checkpoint_is_written_from_the_live_shards_and_reads_back_bitwise(results, case):
+    """What each rank hands the checkpoint is its own shards (views of the optimizer's parameters and slots,
+    about 1/world of the state: nothing gathered), taken after an evaluation forward left the head gathered;
+    the files read back whole equal the gathered parameters and AdamW slots, and loading them into zeroed
+    shards restores them, for every sharding (ep 1, ep 2, ep 2 x edp 2 on dim 0, and on dim 1)."""
+    r = results[1][case]
+    world = 2 if case.startswith("w2") else 4
+    print(f"{case}: pieces held {r['held_fraction']:.3f} of the state, saved |diff| {r['saved_err']:.1e}, "
+          f"reloaded |diff| {r['loaded_err']:.1e}")  # fmt: skip
+    assert r["saved_keys"] and r["unaliased_pieces"] == 0
+    assert r["held_fraction"] <= 1.1 / world
+    assert r["saved_err"] == 0 and r["loaded_err"] == 0
 
 
 def test_fsdp_checkpoint_holds_the_global_layout_of_native(results):
