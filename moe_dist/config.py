@@ -15,6 +15,7 @@ BACKENDS = ("auto", "nccl", "gloo")
 DATASETS = ("stdlib", "text", "tokens")
 WANDB_MODES = ("disabled", "offline", "online")
 GROUPED_MM_MODES = ("auto", "on", "off")
+QK_NORMS = ("none", "head", "full")
 
 
 @dataclass
@@ -47,8 +48,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    init_from: str | None = None  # local Hugging Face (Mixtral) directory to start from; never downloaded
+    init_from: str | None = None  # start from: a moe_dist checkpoint or run dir, or a local Hugging Face dir
     moe: MoEConfig = field(default_factory=MoEConfig)
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = n_heads
+    head_dim: int | None = None  # per-head width; None = dim // n_heads
+    qk_norm: str = (
+        "none"  # RMSNorm of queries and keys: "none", "head" (over head_dim: Qwen3), "full" (OLMoE)
+    )
+    tie_embeddings: bool = False  # the LM head reuses the token embedding matrix
+    loss_chunk_tokens: int | None = None  # cross-entropy chunk; None = auto (<= 2^26 logits), 0 = unchunked
 
 
 @dataclass
@@ -218,6 +226,33 @@ def validate_layout(*, world_size: int, ep: int, num_experts: int) -> None:
         _require(ep == 1, "parallel.ep", ep, "must be 1 for a dense model (model.moe.num_experts=0)")
 
 
+def validate_attention(m: ModelConfig) -> None:
+    """Heads, key/value heads, head width and QK-norm of the attention."""
+    if m.head_dim is None:
+        _require(
+            m.dim % m.n_heads == 0, "model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}"
+        )
+        _require((m.dim // m.n_heads) % 2 == 0, "model.n_heads", m.n_heads, "head dim must be even for RoPE")
+    else:
+        _require(
+            m.head_dim >= 2 and m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even for RoPE"
+        )
+    if m.n_kv_heads is not None:
+        _require(
+            1 <= m.n_kv_heads <= m.n_heads and m.n_heads % m.n_kv_heads == 0,
+            "model.n_kv_heads",
+            m.n_kv_heads,
+            f"must divide model.n_heads={m.n_heads} (each key/value head serves a group of query heads)",
+        )
+    _require(m.qk_norm in QK_NORMS, "model.qk_norm", m.qk_norm, f"must be one of {QK_NORMS}")
+    _require(
+        m.loss_chunk_tokens is None or m.loss_chunk_tokens >= 0,
+        "model.loss_chunk_tokens",
+        m.loss_chunk_tokens,
+        "must be >= 0 (0 = unchunked) or null (auto)",
+    )
+
+
 def validate(cfg: Config, *, world_size: int) -> None:
     """Checks the whole run config against the world size; raises ValueError naming key and value.
 
@@ -227,8 +262,7 @@ def validate(cfg: Config, *, world_size: int) -> None:
     m, t = cfg.model, cfg.trainer
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "seq_len", "ffn_hidden"):
         _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
-    _require(m.dim % m.n_heads == 0, "model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
-    _require((m.dim // m.n_heads) % 2 == 0, "model.n_heads", m.n_heads, "head dim must be even for RoPE")
+    validate_attention(m)
     _require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
     validate_moe(m.moe, dim=m.dim, ep=cfg.parallel.ep)
     _require(

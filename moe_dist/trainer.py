@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -125,9 +124,9 @@ class StepStats:
         }
 
 
-def lm_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = model(inputs)
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+def lm_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, **batch_extras) -> torch.Tensor:
+    """Mean next-token cross-entropy (chunked over the vocabulary inside the model: no full logits)."""
+    return model(inputs, targets_BS=targets, **batch_extras)
 
 
 @dataclass
