@@ -77,7 +77,9 @@ class EngineConfig:
 class DataConfig:
     name: str = "stdlib"  # "stdlib" (this Python's standard-library sources), "text", "tokens"
     path: str | None = None  # file, directory or glob (text); a uint16 .bin file (tokens)
-    val_fraction: float = 0.05  # share of files (stdlib/text) or tokens (tokens) held out for eval
+    val_fraction: float = 0.05  # share of files (stdlib/text) or tokens (flat token file) held out for eval
+    mixture: Any = None  # {prepared dataset dir: weight, ...} sampled by weight (data.name=tokens)
+    document_mask: bool = False  # attention stops at document boundaries; positions restart per document
 
 
 @dataclass
@@ -287,8 +289,22 @@ def validate(cfg: Config, *, world_size: int) -> None:
 
     d = cfg.data
     _require(d.name in DATASETS, "data.name", d.name, f"must be one of {DATASETS}")
-    if d.name in ("text", "tokens"):
-        _require(bool(d.path), "data.path", d.path, f"is required for data.name={d.name}")
+    if d.mixture is None:
+        if d.name in ("text", "tokens"):
+            _require(bool(d.path), "data.path", d.path, f"is required for data.name={d.name}")
+    else:
+        _require(d.name == "tokens", "data.mixture", d.mixture, "needs data.name=tokens")
+        _require(d.path is None, "data.path", d.path, "must be null when data.mixture names the datasets")
+        _require(
+            isinstance(d.mixture, dict)
+            and len(d.mixture) > 0
+            and all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in d.mixture.values()
+            ),
+            "data.mixture",
+            d.mixture,
+            "must map prepared dataset directories to weights > 0, e.g. {data/web: 0.7, data/code: 0.3}",
+        )
     _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
 
     _require(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")

@@ -24,6 +24,7 @@ from moe_dist.engines import Engine, build_engine, validate_engine
 from moe_dist.guards import CollapseDetector, NonFiniteGuard, Watchdog
 from moe_dist.metrics import MetricsLogger, truncate_metrics
 from moe_dist.model.build import build_model
+from moe_dist.model.loss import IGNORE_INDEX
 from moe_dist.model.transformer import Transformer, count_parameters
 from moe_dist.moe.layer import MoELayer
 from moe_dist.optim import lr_at
@@ -191,7 +192,7 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
     with phase("data"):
         engine.set_lr(lr_at(step, t))
         torch.manual_seed(step_seed(t.seed, step, run.mesh.rank))
-        inputs, targets = rank_batch(
+        batch = rank_batch(
             run.data.train,
             seed=t.seed,
             step=step,
@@ -199,13 +200,19 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
             seq_len=run.cfg.model.seq_len,
             rank=run.mesh.rank,
             world_size=run.mesh.world_size,
+            document_mask=run.cfg.data.document_mask,
         )
+        # Targets per micro-batch if they were spread evenly: with masked (SFT) targets each micro-batch's
+        # mean is reweighted by its share, so the step's loss is the mean over all trained tokens.
+        even_targets = batch.global_targets / (run.mesh.world_size * run.accum_steps)
     for i in range(run.accum_steps):
         with phase("data"):
             rows = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
-            micro_inputs, micro_targets = inputs[rows].to(run.device), targets[rows].to(run.device)
+            micro = batch.rows(rows, run.device)
         with phase("forward"), run.autocast:
-            ce = lm_loss(model, micro_inputs, micro_targets)
+            ce = lm_loss(model, micro.inputs, micro.targets, **micro.model_kwargs())
+            if batch.global_targets != t.global_batch_size * run.cfg.model.seq_len:
+                ce = ce * ((micro.targets != IGNORE_INDEX).sum() / even_targets)
             loss = (ce + model.moe_loss()) / run.accum_steps
         with phase("backward"):
             engine.backward(loss, last_micro_batch=i == run.accum_steps - 1)
@@ -231,13 +238,14 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
 
 @torch.no_grad()
 def evaluate(run: Run) -> float:
-    """Mean validation loss over trainer.eval_batches global batches (the same batches at any world size)."""
+    """Mean validation loss per target token over trainer.eval_batches global batches (the same batches at
+    any world size)."""
     cfg, mesh, model = run.cfg, run.mesh, run.model
     t = cfg.trainer
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=run.device)
     for i in range(t.eval_batches):
-        inputs, targets = rank_batch(
+        batch = rank_batch(
             run.data.val,
             seed=t.seed + EVAL_SEED_OFFSET,
             step=i,
@@ -245,11 +253,14 @@ def evaluate(run: Run) -> float:
             seq_len=cfg.model.seq_len,
             rank=mesh.rank,
             world_size=mesh.world_size,
+            document_mask=cfg.data.document_mask,
         )
-        for mb_in, mb_tg in zip(inputs.split(t.micro_batch_size), targets.split(t.micro_batch_size)):
+        for start in range(0, len(batch.inputs), t.micro_batch_size):
+            micro = batch.rows(slice(start, start + t.micro_batch_size), run.device)
             with run.autocast:
-                loss = lm_loss(model, mb_in.to(run.device), mb_tg.to(run.device))
-            total += torch.stack([loss.double(), total.new_ones(())])
+                loss = lm_loss(model, micro.inputs, micro.targets, **micro.model_kwargs())
+            num_targets = (micro.targets != IGNORE_INDEX).sum().double()
+            total += torch.stack([loss.double() * num_targets, num_targets])
     if mesh.world_group is not None:
         dist.all_reduce(total, group=mesh.world_group)
     model.train()
