@@ -309,3 +309,9 @@ def load_checkpoint(
     check_compatible(meta["model"], model_cfg, path=path)
     dcp.load(_state_dict(model, optimizer_slots, mesh), storage_reader=SafeFileSystemReader(path))
     return meta
+
+
+def load_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """Collective. Fills ``tensors`` (checkpoint keys such as ``model.layers.0.ffn.w_up.weight``) in place from
+    a checkpoint, whatever model they belong to (sparse upcycling reads dense FFNs into an MoE model)."""
+    dcp.load(tensors, storage_reader=SafeFileSystemReader(path))

@@ -16,6 +16,7 @@ DATASETS = ("stdlib", "text", "tokens")
 WANDB_MODES = ("disabled", "offline", "online")
 GROUPED_MM_MODES = ("auto", "on", "off")
 QK_NORMS = ("none", "head", "full")
+FREEZE_GROUPS = ("router", "embeddings", "dense", "experts")
 
 
 @dataclass
@@ -106,6 +107,9 @@ class TrainerConfig:
     resume: str = "auto"  # "auto" (newest complete checkpoint in out_dir), "none", or a checkpoint path
     device: str = "auto"  # "auto" = cuda when available, else cpu
     progress_bar: bool = True
+    freeze: list[str] = field(
+        default_factory=list
+    )  # parameter groups not trained: router, embeddings, dense, experts
 
 
 @dataclass
@@ -336,6 +340,13 @@ def validate(cfg: Config, *, world_size: int) -> None:
     _require(t.collapse_warn_steps >= 0, "trainer.collapse_warn_steps", t.collapse_warn_steps, "must be >= 0")
     _require(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
     _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "must be auto, cpu or cuda")
+    _require(
+        set(t.freeze) <= set(FREEZE_GROUPS) and len(set(t.freeze)) == len(t.freeze),
+        "trainer.freeze",
+        t.freeze,
+        f"must list distinct groups out of {list(FREEZE_GROUPS)}",
+    )
+    _require(set(t.freeze) != set(FREEZE_GROUPS), "trainer.freeze", t.freeze, "leaves nothing to train")
     _require(
         cfg.logging.wandb.mode in WANDB_MODES,
         "logging.wandb.mode",

@@ -23,7 +23,7 @@ from moe_dist.distributed import broadcast_json, collective_timeout_s, env_world
 from moe_dist.engines import Engine, build_engine, validate_engine
 from moe_dist.guards import CollapseDetector, NonFiniteGuard, Watchdog
 from moe_dist.metrics import MetricsLogger, truncate_metrics
-from moe_dist.model.build import build_model
+from moe_dist.model.build import build_model, validate_init_from
 from moe_dist.model.loss import IGNORE_INDEX
 from moe_dist.model.transformer import Transformer, count_parameters
 from moe_dist.moe.layer import MoELayer
@@ -72,10 +72,11 @@ def resolve_device(cfg: Config) -> torch.device:
 
 def validate_run(cfg: Config, *, world_size: int) -> None:
     """Every check of a run config, before any collective or file write: the schema (config.py), the chosen
-    engine's own config, and the checkpoint to resume from."""
+    engine's own config, the checkpoint to resume from and the weights to start from."""
     validate(cfg, world_size=world_size)
     validate_engine(cfg.engine, cfg.trainer, world_size=world_size)
     validate_resume(cfg.trainer.resume)
+    validate_init_from(cfg)
 
 
 class StepStats:
