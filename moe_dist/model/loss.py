@@ -67,7 +67,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             targets_C = targets_T[rows]
             valid_C = targets_C != IGNORE_INDEX
             # d loss / d logits = softmax - onehot(target), zero on ignored rows, times the incoming gradient
-            grad_CV = (logits_CV - lse_T[rows].unsqueeze(1)).exp_()
+            grad_CV = logits_CV.sub_(lse_T[rows].unsqueeze(1)).exp_()  # in place: one [C, V] buffer
             grad_CV.scatter_add_(
                 1, targets_C.clamp_min(0).unsqueeze(1), grad_CV.new_full((len(targets_C), 1), -1.0)
             )
