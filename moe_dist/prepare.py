@@ -12,7 +12,8 @@ prompt/response pair whose loss is masked to the response (and its EOS).
 
 Each document is tokenized with a local ``tokenizer.json`` (``tokenizers`` library; byte-level when none is
 given; nothing is ever downloaded), followed by the tokenizer's EOS. Documents go to the validation split when
-``crc32(source key, position) % 10000 < val_fraction * 10000``: stable when other files change.
+``crc32(path, position) % 10000 < val_fraction * 10000`` (the path relative to the deepest directory holding all
+inputs, the byte offset of a JSONL line or the row of a parquet record): stable when other files change.
 
 Two passes, both parallel over ``--workers`` processes and both resumable: (1) every input chunk (``--chunk-bytes``
 of JSONL, a parquet row group, a text file) is tokenized into ``<out>/.work/``; (2) the chunks are cut into
@@ -80,7 +81,7 @@ class Options:
 @dataclass(frozen=True)
 class Source:
     path: str  # absolute path
-    key: str  # path relative to its input argument: the document keys of the split hash use it
+    key: str  # path relative to the deepest directory holding all inputs: the split hash uses it
     format: str  # "text", "jsonl" or "parquet"
     size: int
     mtime_ns: int
@@ -110,40 +111,46 @@ def source_format(path: Path) -> str:
 
 
 def expand_inputs(inputs: list[str], *, exclude: Path) -> list[Source]:
-    """Every input file, in argument order and sorted within a directory or glob; ValueError naming a bad one."""
-    found: list[Source] = []
+    """Every input file, in argument order and sorted within a directory or glob; ValueError naming a bad one.
+
+    A file's key (which the split hash uses) is its path relative to the deepest directory holding every
+    input: distinct for distinct files, and the same wherever the whole corpus is moved.
+    """
+    found: list[Path] = []
     seen: set[str] = set()
     for spec in inputs:
         p = Path(spec).expanduser()
         if p.is_file():
-            files = [(p.name, p)]
+            files = [p]
         elif p.is_dir():
             files = [
-                (f.relative_to(p).as_posix(), f)
+                f
                 for f in sorted(p.rglob("*"))
                 if f.is_file()
                 and not any(part.startswith(".") for part in f.relative_to(p).parts)
                 and exclude not in f.resolve().parents
             ]
         elif glob.has_magic(spec):
-            files = [
-                (Path(m).name, Path(m)) for m in sorted(glob.glob(os.path.expanduser(spec), recursive=True))
-            ]
-            files = [(k, f) for k, f in files if f.is_file()]
+            files = [Path(m) for m in sorted(glob.glob(os.path.expanduser(spec), recursive=True))]
+            files = [f for f in files if f.is_file()]
         else:
             raise fail(f"input {spec!r}: no such file or directory")
         if not files:
             raise fail(f"input {spec!r}: no files there")
-        for key, f in files:
+        for f in files:
             resolved = str(f.resolve())
-            if resolved in seen:
-                continue
-            seen.add(resolved)
-            stat = f.stat()
-            if stat.st_size == 0:
-                raise fail(f"input {str(f)!r}: the file is empty")
-            found.append(Source(resolved, key, source_format(f), stat.st_size, stat.st_mtime_ns))
-    return found
+            if resolved not in seen:
+                seen.add(resolved)
+                found.append(f)
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in found])
+    sources = []
+    for f in found:
+        stat = f.stat()
+        if stat.st_size == 0:
+            raise fail(f"input {str(f)!r}: the file is empty")
+        key = Path(os.path.relpath(os.path.abspath(f), root)).as_posix()
+        sources.append(Source(str(f.resolve()), key, source_format(f), stat.st_size, stat.st_mtime_ns))
+    return sources
 
 
 def _open_text(path: str):

@@ -83,7 +83,7 @@ def corpus(tmp_path_factory) -> dict:
     pq.write_table(pa.table({"text": texts[24:36]}), root / "c.parquet", row_group_size=4)
     tok = train_bpe(list((root / "text").iterdir()), root / "tokenizer.json")
     inputs = [str(root / "text"), str(root / "a.jsonl"), str(root / "b.jsonl"), str(root / "c.parquet")]
-    keys = [f"doc{i:02d}.txt" for i in range(8)]  # the split keys prepare uses, in order
+    keys = [f"text/doc{i:02d}.txt" for i in range(8)]  # the split keys prepare uses, in order
     offset = 0
     for t in [*texts[8:20], ""]:
         keys.append(f"a.jsonl:{offset}")
