@@ -95,19 +95,20 @@ class TokenStream:
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) as int64 (basic slices of the memmaps: only those pages are read)."""
-        return np.concatenate([seg.tokens[a:b].astype(np.int64) for seg, a, b in self._pieces(start, length)])
+        pieces = [seg.tokens[a:b].astype(np.int64) for seg, a, b in self._pieces(start, length)]
+        return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
 
     def loss_mask(self, start: int, length: int) -> np.ndarray:
-        return np.concatenate(
-            [
-                np.ones(b - a, MASK_DTYPE) if seg.loss_mask is None else np.asarray(seg.loss_mask[a:b])
-                for seg, a, b in self._pieces(start, length)
-            ]
-        )
+        """1 where the token at that position is a trained target (every token outside SFT data)."""
+        pieces = [
+            np.ones(b - a, MASK_DTYPE) if seg.loss_mask is None else np.asarray(seg.loss_mask[a:b])
+            for seg, a, b in self._pieces(start, length)
+        ]
+        return np.concatenate(pieces) if pieces else np.zeros(0, MASK_DTYPE)
 
     def doc_starts(self, start: int, length: int) -> np.ndarray:
         """Offsets relative to ``start`` where a document starts inside [start, start + length)."""
-        out, base = [], 0
+        out, base = [np.zeros(0, np.int64)], 0
         for seg, a, b in self._pieces(start, length):
             lo, hi = np.searchsorted(seg.doc_starts, [a, b])
             out.append(np.asarray(seg.doc_starts[lo:hi]) - a + base)

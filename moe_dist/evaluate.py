@@ -82,9 +82,10 @@ class RoutingRecorder:
 
         return hook
 
-    def before_batch(self, token_ids_BS: torch.Tensor, valid_B: torch.Tensor) -> None:
+    def before_batch(self, token_ids_BS: torch.Tensor, valid_BS: torch.Tensor) -> None:
+        """The tokens of the next forward, and which of them count (not padding)."""
         self.token_ids_T = token_ids_BS.reshape(-1)
-        self.valid_T = valid_B.repeat_interleave(token_ids_BS.shape[1])
+        self.valid_T = valid_BS.reshape(-1)
         self.tokens += float(self.valid_T.sum())
         self.batches += 1
         if self.batches % COALESCE_EVERY == 0:
@@ -124,12 +125,37 @@ def _coalesce(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
     return unique, torch.zeros_like(unique).index_add_(0, inverse, counts)
 
 
-def _windows(stream: TokenStream, *, seq_len: int, max_tokens: int | None) -> list[int]:
-    """Starts of consecutive windows of seq_len + 1 tokens (each predicts seq_len), up to max_tokens."""
-    count = (stream.num_tokens - 1) // seq_len
-    if max_tokens is not None:
-        count = min(count, max(1, max_tokens // seq_len))
-    return [i * seq_len for i in range(count)]
+def _windows(stream: TokenStream, *, seq_len: int, max_tokens: int | None) -> list[tuple[int, int]]:
+    """(start, tokens) of the evaluated windows, each of at most seq_len + 1 tokens, up to max_tokens.
+
+    Consecutive full windows; for supervised fine-tuning data (windows aligned to documents) one window per
+    example, from its start, cut at seq_len + 1 tokens: every example is scored once, prompt first.
+    """
+    limit = None if max_tokens is None else max(1, max_tokens // seq_len)
+    if not stream.align_to_documents:
+        count = (stream.num_tokens - 1) // seq_len
+        return [(i * seq_len, seq_len + 1) for i in range(count if limit is None else min(count, limit))]
+    starts = [
+        int(stream.starts[i]) + s for i, seg in enumerate(stream.segments) for s in seg.doc_starts.tolist()
+    ]
+    ends = [*starts[1:], stream.num_tokens]
+    windows = [(a, min(seq_len + 1, b - a)) for a, b in zip(starts, ends) if b - a >= 2]
+    return windows if limit is None else windows[:limit]
+
+
+def _rows(stream: TokenStream, windows: list[tuple[int, int]], seq_len: int, *, document_mask: bool):
+    """tokens [B, S+1], trained targets [B, S] and (document_mask) document ids [B, S] of ``windows``, each
+    padded to seq_len + 1 tokens; padding carries no loss and no routing statistics."""
+    tokens = np.zeros((len(windows), seq_len + 1), np.int64)
+    trained = np.zeros((len(windows), seq_len), bool)
+    doc_ids = np.zeros((len(windows), seq_len), np.int64)
+    for row, (start, length) in enumerate(windows):
+        tokens[row, :length] = stream.read(start, length)
+        trained[row, : length - 1] = stream.loss_mask(start + 1, length - 1).astype(bool)
+        if document_mask:
+            doc_ids[row, stream.doc_starts(start + 1, max(length - 2, 0)) + 1] = 1
+            doc_ids[row, length - 1 :] += 1  # the padding is a document of its own
+    return torch.from_numpy(tokens), torch.from_numpy(trained), torch.from_numpy(doc_ids.cumsum(axis=1))
 
 
 @torch.no_grad()
@@ -146,34 +172,25 @@ def evaluate_stream(
     """Collective. (summed loss in nats, predicted tokens) over the windows of ``stream``, on every rank."""
     seq_len = model.cfg.seq_len
     device = model.head_weight.device
-    starts = _windows(stream, seq_len=seq_len, max_tokens=max_tokens)
+    windows = _windows(stream, seq_len=seq_len, max_tokens=max_tokens)
     per_step = batch_size * mesh.world_size
     total = torch.zeros(2, dtype=torch.float64, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for first in range(0, len(starts), per_step):
+    for first in range(0, len(windows), per_step):
         # Every rank runs the same number of forwards (the MoE exchange is collective): short batches are
-        # padded with window 0 rows that count for nothing.
-        mine = [first + mesh.rank * batch_size + j for j in range(batch_size)]
-        valid_B = torch.tensor([i < len(starts) for i in mine], device=device)
-        rows = [stream.read(starts[i] if i < len(starts) else 0, seq_len + 1) for i in mine]
-        tokens_BL = torch.from_numpy(np.stack(rows)).to(device)
-        inputs, targets = tokens_BL[:, :-1], tokens_BL[:, 1:].clone()
-        if stream.has_loss_mask:
-            masks = [stream.loss_mask((starts[i] if i < len(starts) else 0) + 1, seq_len) for i in mine]
-            targets[~torch.from_numpy(np.stack(masks)).to(device).bool()] = IGNORE_INDEX
-        targets[~valid_B] = IGNORE_INDEX
-        kwargs = {}
-        if document_mask:
-            doc_ids = torch.zeros_like(inputs)
-            for row, i in enumerate(mine):
-                doc_starts = stream.doc_starts((starts[i] if i < len(starts) else 0) + 1, seq_len - 1) + 1
-                doc_ids[row, torch.as_tensor(doc_starts, device=device)] = 1
-            kwargs["doc_ids_BS"] = doc_ids.cumsum(dim=1)
+        # padded with empty rows that count for nothing.
+        mine = [windows[i] if i < len(windows) else (0, 1) for i in range(first, first + per_step)]
+        mine = mine[mesh.rank * batch_size : (mesh.rank + 1) * batch_size]
+        tokens_BL, trained_BS, doc_ids_BS = (
+            t.to(device) for t in _rows(stream, mine, seq_len, document_mask=document_mask)
+        )
+        inputs, targets = tokens_BL[:, :-1], tokens_BL[:, 1:].masked_fill(~trained_BS, IGNORE_INDEX)
         if recorder is not None:
-            recorder.before_batch(inputs, valid_B)
+            lengths = torch.tensor([length for _, length in mine], device=device)
+            recorder.before_batch(inputs, torch.arange(seq_len, device=device) < lengths.unsqueeze(1) - 1)
         with autocast:
-            mean = model(inputs, targets_BS=targets, **kwargs)
-        count = (targets != IGNORE_INDEX).sum()
+            mean = model(inputs, targets_BS=targets, **({"doc_ids_BS": doc_ids_BS} if document_mask else {}))
+        count = trained_BS.sum()
         total += torch.stack([mean.double() * count, count.double()])
     if mesh.world_group is not None:
         dist.all_reduce(total, group=mesh.world_group)
@@ -224,6 +241,8 @@ def evaluate_checkpoint(
     bytes_per_token = splits.val_bytes_per_token if split == "val" else None
     if split == "train" and splits.val_bytes_per_token == 1.0:
         bytes_per_token = 1.0  # byte-level
+    if any(stream.has_loss_mask for _, stream in sources):
+        bytes_per_token = None  # the loss covers the responses only, the bytes the whole text
     report = {
         "checkpoint": str(path),
         "step": meta.get("step"),

@@ -212,8 +212,10 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
             micro = batch.rows(rows, run.device)
         with phase("forward"), run.autocast:
             ce = lm_loss(model, micro.inputs, micro.targets, **micro.model_kwargs())
-            if batch.global_targets != t.global_batch_size * run.cfg.model.seq_len:
-                ce = ce * ((micro.targets != IGNORE_INDEX).sum() / even_targets)
+            if (
+                batch.global_targets != t.global_batch_size * run.cfg.model.seq_len
+            ):  # (0 when none is trained)
+                ce = ce * ((micro.targets != IGNORE_INDEX).sum() / max(even_targets, 1e-9))
             loss = (ce + model.moe_loss()) / run.accum_steps
         with phase("backward"):
             engine.backward(loss, last_micro_batch=i == run.accum_steps - 1)

@@ -152,3 +152,21 @@ def test_cli_prints_tables_and_writes_json_and_png(trained, tmp_path, capsys):
         main([str(trained["root"] / "run"), "trainer.lr=1"])
     assert err.value.code == 2
     assert "only data.* overrides are taken" in capsys.readouterr().err
+
+
+def test_sft_data_is_scored_once_per_example_from_its_start(trained, tmp_path):
+    docs = [p.read_text()[:400] for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("[n-r]*.py"))[:20]]
+    pairs = [{"prompt": f"Q: {d[:40]}\n", "response": d[40:]} for d in docs]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    tok = str(trained["root"] / "tokenizer.json")
+    prep.prepare(
+        [str(tmp_path / "sft.jsonl")], tmp_path / "sft", options(tokenizer=tok, sft=True, val_fraction=0.5)
+    )
+    cfg = DataConfig(name="tokens", path=str(tmp_path / "sft"))
+    report = evaluate_checkpoint(trained["root"] / "run", cfg, batch_size=4)
+    splits = load_tokens(cfg, vocab_size=VOCAB, seq_len=32)
+    starts = [int(s) for s in splits.val.segments[0].doc_starts]
+    ends = [*starts[1:], splits.val.num_tokens]
+    # Each example once, from its start: its trained targets among its first 32 predictions.
+    expected = sum(int(splits.val.loss_mask(a + 1, min(32, b - a - 1)).sum()) for a, b in zip(starts, ends))
+    assert report["tokens"] == expected > 0 and report["bits_per_byte"] is None

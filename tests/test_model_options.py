@@ -169,3 +169,34 @@ def test_tied_embeddings_share_one_matrix():
     untied = model(True)
     n_tied, n_untied = (sum(p.numel() for p in x.parameters()) for x in (m, untied))
     assert n_untied - n_tied == 64 * 32
+
+
+@pytest.mark.parametrize(
+    ("options", "moe", "total", "active"),
+    [
+        (  # Qwen3-30B-A3B: "30.5B in total and 3.3B activated"; q_proj 4096 x 2048 (32 heads of 128)
+            {"vocab_size": 151_936, "dim": 2048, "n_layers": 48, "n_heads": 32, "n_kv_heads": 4, "head_dim": 128,
+             "qk_norm": "head"},
+            {"num_experts": 128, "top_k": 8, "expert_hidden": 768},
+            30.5e9, 3.3e9,
+        ),
+        (  # OLMoE-1B-7B: 6.9B total, 1.3B active
+            {"vocab_size": 50_304, "dim": 2048, "n_layers": 16, "n_heads": 16, "qk_norm": "full"},
+            {"num_experts": 64, "top_k": 8, "expert_hidden": 1024, "norm_topk": False},
+            6.9e9, 1.3e9,
+        ),
+        (  # Mixtral-8x7B: 46.7B total, 12.9B active
+            {"vocab_size": 32_000, "dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8},
+            {"num_experts": 8, "top_k": 2, "expert_hidden": 14_336},
+            46.7e9, 12.9e9,
+        ),
+    ],
+)  # fmt: skip
+def test_released_model_configs_have_the_published_sizes(options, moe, total, active):
+    from moe_dist.model.transformer import count_parameters
+
+    with torch.device("meta"):
+        m = Transformer(ModelConfig(**options, moe=MoEConfig(**moe)))
+    counts = count_parameters(m)
+    # The published figures are rounded: within 2% (a missing or extra projection would be far more).
+    assert abs(counts["total"] / total - 1) < 0.02 and abs(counts["active"] / active - 1) < 0.02

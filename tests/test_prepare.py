@@ -5,6 +5,7 @@ mixtures by weight, document boundaries, SFT loss masks, and bad input refused i
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sysconfig
 import zlib
@@ -374,3 +375,35 @@ def test_sft_step_loss_is_the_mean_over_trained_tokens_at_any_accumulation(corpu
     (loss_1, norm_1, counts), (loss_4, norm_4, _) = results
     assert len(set(counts)) > 1  # the micro-batches really differ
     assert abs(loss_1 - loss_4) < 1e-6 and abs(norm_1 - norm_4) < 1e-6 * norm_1
+
+
+def test_a_batch_without_trained_targets_is_a_finite_step(corpus, tmp_path):
+    """SFT windows whose prompts fill the whole window: nothing to learn from, but no NaN (0 / 0)."""
+    from training_runs import TINY, compose_config
+
+    from moe_dist.trainer import build_run, train_step
+
+    pairs = [(f"Q{i}: {d[:600]}\n", "A: yes") for i, d in enumerate(corpus["docs"][:30]) if len(d) > 600]
+    (tmp_path / "sft.jsonl").write_text(
+        "".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs)
+    )
+    prep.prepare(
+        [str(tmp_path / "sft.jsonl")], tmp_path / "sft", options(tokenizer=str(corpus["tok"]), sft=True)
+    )
+    cfg = compose_config([*TINY, "model.vocab_size=400", "data.name=tokens", f"data.path={tmp_path / 'sft'}"])
+    run = build_run(cfg)
+    result = train_step(run, 1)
+    assert (
+        rank_batch(
+            run.data.train,
+            seed=cfg.trainer.seed,
+            step=1,
+            global_batch_size=8,
+            seq_len=32,
+            rank=0,
+            world_size=1,
+        ).global_targets
+        == 0
+    )
+    assert result.skip_message is None and math.isfinite(result.grad_norm.item())
+    assert run.stats.record()["loss"] == 0.0
