@@ -207,11 +207,13 @@ def evaluate_checkpoint(
     batch_size: int = 8,
     max_tokens: int | None = None,
     top_tokens: int = 8,
+    seq_len: int | None = None,
 ) -> dict | None:
-    """Collective. The report (rank 0; None on the others) of ``checkpoint`` on ``split`` of ``data``."""
+    """Collective. The report (rank 0; None on the others) of ``checkpoint`` on ``split`` of ``data``, in
+    windows of ``seq_len`` (default: the model's) + 1 tokens."""
     mesh = mesh or single_process_mesh()
     path = resolve_checkpoint(checkpoint)
-    model, meta = load_model(path, mesh=mesh, device=device or torch.device("cpu"))
+    model, meta = load_model(path, mesh=mesh, device=device or torch.device("cpu"), seq_len=seq_len)
     cfg = model.cfg
     splits = load_tokens(data, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len)
     target = splits.val if split == "val" else splits.train
@@ -434,6 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.name=tokens data.path=DIR")
     parser.add_argument("--split", choices=("val", "train"), default="val")
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    parser.add_argument("--seq-len", type=int, default=None, help="context length (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per rank per forward")
     parser.add_argument(
         "--ep", type=int, default=None, help="expert-parallel degree (default: the checkpoint's)"
@@ -450,8 +453,8 @@ def main(argv: list[str] | None = None) -> None:
         meta = read_meta(path)
         mcfg = model_config_from_meta(meta)
         data = data_config(path, args.overrides)
-        if args.batch_size < 1 or (args.max_tokens is not None and args.max_tokens < 1):
-            raise ValueError("--batch-size and --max-tokens must be >= 1")
+        if min(args.batch_size, args.max_tokens or 1, args.seq_len or 2) < 1 or args.seq_len == 1:
+            raise ValueError("--batch-size and --max-tokens must be >= 1, --seq-len >= 2")
         world = env_world_size()
         saved_ep = int(meta.get("ep", 1))
         ep = args.ep if args.ep is not None else (saved_ep if world % saved_ep == 0 else 1)
@@ -468,6 +471,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=args.batch_size,
             max_tokens=args.max_tokens,
             top_tokens=args.top_tokens,
+            seq_len=args.seq_len,
         )
     except ValueError as err:
         print(f"moe_dist.evaluate: error: {err}", file=sys.stderr)

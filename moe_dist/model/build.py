@@ -202,15 +202,20 @@ def model_config_from_meta(meta: dict) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in saved.items() if k in model_fields}, moe=moe)
 
 
-def load_model(path: str | os.PathLike, *, mesh: Mesh, device: torch.device) -> tuple[Transformer, dict]:
+def load_model(
+    path: str | os.PathLike, *, mesh: Mesh, device: torch.device, seq_len: int | None = None
+) -> tuple[Transformer, dict]:
     """Collective. Builds the model as training does (sharded over ``mesh``), loads the checkpoint, eval mode.
 
     ``path`` is a checkpoint or a run directory (its newest checkpoint). Returns (model, meta). Any
-    (world, ep) can load a checkpoint saved at any other.
+    (world, ep) can load a checkpoint saved at any other. ``seq_len`` sets another context length (RoPE
+    positions are computed, not stored).
     """
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     mcfg = dataclasses.replace(model_config_from_meta(meta), init_from=None)
+    if seq_len is not None:
+        mcfg = dataclasses.replace(mcfg, seq_len=seq_len)
     model = build_model(Config(model=mcfg, trainer=TrainerConfig(seed=meta.get("seed", 0))), mesh, device)
     with warnings.catch_warnings():  # one process without a process group is the intended use here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
