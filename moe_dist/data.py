@@ -71,6 +71,7 @@ class TokenStream:
         self.has_loss_mask = any(s.loss_mask is not None for s in self.segments)
         # Supervised fine-tuning: every window starts at a document, so no example loses its prompt.
         self.align_to_documents = align_to_documents
+        self._eligible: dict[int, int] = {}  # seq_len → documents a whole window fits after
         if align_to_documents:
             assert self.has_documents, "aligning windows to documents needs document boundaries"
             self.doc_counts = np.concatenate([[0], np.cumsum([len(s.doc_starts) for s in self.segments])])
@@ -121,10 +122,14 @@ class TokenStream:
 
     def document_window_start(self, u: float, seq_len: int) -> int:
         """The start of document floor(u · n) among the n documents a whole window fits after."""
-        limit = self.num_window_starts(seq_len)
-        eligible = int(
-            sum(np.searchsorted(s.doc_starts, limit - self.starts[i]) for i, s in enumerate(self.segments))
-        )
+        if seq_len not in self._eligible:  # documents are sorted: the eligible ones are a prefix
+            limit = self.num_window_starts(seq_len)
+            self._eligible[seq_len] = int(
+                sum(
+                    np.searchsorted(s.doc_starts, limit - self.starts[i]) for i, s in enumerate(self.segments)
+                )
+            )
+        eligible = self._eligible[seq_len]
         if eligible < 1:
             raise ValueError(f"seq_len={seq_len}: no document starts early enough for a whole window")
         doc = min(int(u * eligible), eligible - 1)

@@ -453,8 +453,10 @@ def main(argv: list[str] | None = None) -> None:
         meta = read_meta(path)
         mcfg = model_config_from_meta(meta)
         data = data_config(path, args.overrides)
-        if min(args.batch_size, args.max_tokens or 1, args.seq_len or 2) < 1 or args.seq_len == 1:
-            raise ValueError("--batch-size and --max-tokens must be >= 1, --seq-len >= 2")
+        for flag, value, least in (("--batch-size", args.batch_size, 1), ("--max-tokens", args.max_tokens, 1),
+                                   ("--seq-len", args.seq_len, 2)):  # fmt: skip
+            if value is not None and value < least:
+                raise ValueError(f"{flag}={value}: must be >= {least}")
         world = env_world_size()
         saved_ep = int(meta.get("ep", 1))
         ep = args.ep if args.ep is not None else (saved_ep if world % saved_ep == 0 else 1)
