@@ -65,6 +65,7 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel degree; world_size / ep ranks replicate each expert shard (EDP)
     backend: str = "auto"  # "auto" = nccl when CUDA is available, else gloo
     timeout_s: float | None = None  # collective timeout; None = 600 s on NCCL, 300 s on gloo
+    allow_gloo_on_cuda: bool = False  # accept backend=gloo on a CUDA run (GPU tensors through gloo)
 
 
 @dataclass
@@ -107,9 +108,8 @@ class TrainerConfig:
     resume: str = "auto"  # "auto" (newest complete checkpoint in out_dir), "none", or a checkpoint path
     device: str = "auto"  # "auto" = cuda when available, else cpu
     progress_bar: bool = True
-    freeze: list[str] = field(
-        default_factory=list
-    )  # parameter groups not trained: router, embeddings, dense, experts
+    async_checkpoint: bool = False  # write checkpoints in the background (stall: one copy to host memory)
+    freeze: list[str] = field(default_factory=list)  # groups not trained: router, embeddings, dense, experts
 
 
 @dataclass

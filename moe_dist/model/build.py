@@ -17,16 +17,17 @@ import torch
 
 from moe_dist.checkpoint import (
     META_FILE,
+    SafeFileSystemReader,
     check_compatible,
     latest_checkpoint,
     load_checkpoint,
-    load_tensors,
+    model_state,
+    read_into,
     read_meta,
     resolve_checkpoint,
     verify,
 )
 from moe_dist.config import Config, ModelConfig, MoEConfig, TrainerConfig
-from moe_dist.distributed import broadcast_json
 from moe_dist.model.transformer import Transformer
 from moe_dist.moe.layer import MoELayer
 from moe_dist.parallel.apply import parallelize_moe
@@ -132,14 +133,12 @@ def init_from_checkpoint(model: Transformer, path: str | os.PathLike, mesh: Mesh
     soft router) the gate weights of a token sum to 1, so the MoE computes the dense function at step 0.
     """
     ckpt = resolve_checkpoint(Path(path).expanduser())
-    problem = broadcast_json(verify(ckpt) if mesh.rank == 0 else None)
+    problem = verify(ckpt, group=mesh.world_group)  # every rank hashes a share of the files
     if problem:
         raise ValueError(f"model.init_from={str(path)!r}: {problem}")
     saved = model_config_from_meta(read_meta(ckpt))
     if not is_upcycling(saved, model.cfg):
-        load_checkpoint(
-            ckpt, model=model, optimizer_slots=None, mesh=mesh, model_cfg=dataclasses.asdict(model.cfg)
-        )
+        load_checkpoint(ckpt, state=model_state(model, mesh), model_cfg=dataclasses.asdict(model.cfg))
         return
     _check_upcycling(saved, model.cfg, where=f"model.init_from={str(path)!r}")
     moe = model.cfg.moe
@@ -158,7 +157,7 @@ def init_from_checkpoint(model: Transformer, path: str | os.PathLike, mesh: Mesh
     for i in moe_blocks:
         for name, shape in (("w_gate", (F, D)), ("w_up", (F, D)), ("w_down", (D, F))):
             tensors[f"model.layers.{i}.ffn.{name}.weight"] = torch.empty(shape, device=device)
-    load_tensors(ckpt, tensors)
+    read_into(SafeFileSystemReader(ckpt), tensors)
     for i in moe_blocks:
         experts = model.layers[i].ffn.experts
         dense = {n: tensors[f"model.layers.{i}.ffn.{n}.weight"] for n in ("w_gate", "w_up", "w_down")}
@@ -217,9 +216,5 @@ def load_model(
     if seq_len is not None:
         mcfg = dataclasses.replace(mcfg, seq_len=seq_len)
     model = build_model(Config(model=mcfg, trainer=TrainerConfig(seed=meta.get("seed", 0))), mesh, device)
-    with warnings.catch_warnings():  # one process without a process group is the intended use here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        load_checkpoint(
-            path, model=model, optimizer_slots=None, mesh=mesh, model_cfg=dataclasses.asdict(mcfg)
-        )
+    load_checkpoint(path, state=model_state(model, mesh), model_cfg=dataclasses.asdict(mcfg))
     return model.eval(), meta
