@@ -516,3 +516,21 @@ def test_refusals_of_qk_norm_without_a_counterpart():
         with pytest.raises(ValueError, match="cannot export to Hugging Face exactly") as err:
             hf_model_type(cfg)
         assert message in str(err.value)
+
+
+def test_streamed_export_of_a_qwen3_moe_shaped_checkpoint(tmp_path):
+    """A trained checkpoint with GQA, head_dim, per-head QK-norm, a dense block and tied embeddings, through
+    the streamed (layer by layer) export: Qwen3MoeForCausalLM with equal logits."""
+    options = ["model.n_kv_heads=1", "model.head_dim=24", "model.qk_norm=head", "model.tie_embeddings=true",
+               "model.moe.every_n_layers=2", "trainer.max_steps=2", f"trainer.out_dir={tmp_path}/run"]  # fmt: skip
+    run_dir = run([*MIXTRAL_RUN, *options])
+    model_type, ckpt = export_checkpoint(run_dir, tmp_path / "hf")
+    assert model_type == "qwen3_moe"
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "lm_head.weight" not in index and "model.layers.0.self_attn.q_norm.weight" in index
+    from moe_dist.model.build import load_model
+
+    model, _ = load_model(ckpt, mesh=single_process_mesh(), device=torch.device("cpu"))
+    x = tokens(batch=3)
+    with torch.no_grad():
+        assert (model(x) - logits_of_hf(tmp_path / "hf", x)).abs().max() < TOL
