@@ -443,8 +443,13 @@ class _Workers:
             import multiprocessing as mp
 
             # spawn: clean processes (no inherited tokenizer thread pool); one tokenizer thread per worker
-            os.environ.setdefault("RAYON_NUM_THREADS", "1")
-            self.pool = mp.get_context("spawn").Pool(workers)
+            before = os.environ.get("RAYON_NUM_THREADS")
+            os.environ["RAYON_NUM_THREADS"] = before or "1"
+            try:
+                self.pool = mp.get_context("spawn").Pool(workers)  # the workers start here, with that env
+            finally:
+                if before is None:
+                    del os.environ["RAYON_NUM_THREADS"]
 
     def run(self, fn, jobs: list, progress) -> None:
         """``fn`` over ``jobs``; each result advances the progress bar."""

@@ -57,19 +57,24 @@ def read_manifest(path: str | Path, *, key: str) -> tuple[Path, dict]:
     ``key`` and the file. ``python -m moe_dist.prepare --verify DIR`` checks every sha256 as well.
     """
     file = manifest_path(path)
+    where = f"{key}={str(path)!r}"
     if file is None:
-        raise ValueError(
-            f"{key}={str(path)!r}: no {MANIFEST} there (prepare data with python -m moe_dist.prepare)"
-        )
+        raise ValueError(f"{where}: no {MANIFEST} there (prepare data with python -m moe_dist.prepare)")
     try:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{key}={str(path)!r}: {file} is not valid JSON ({err})") from err
-    if manifest.get("format") != FORMAT:
-        raise ValueError(
-            f"{key}={str(path)!r}: {file} has format {manifest.get('format')!r}, expected {FORMAT!r}"
-        )
-    root = file.parent
+        raise ValueError(f"{where}: {file} is not valid JSON ({err})") from err
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != FORMAT:
+        raise ValueError(f"{where}: {file} has format {found!r}, expected {FORMAT!r}")
+    try:
+        _check_shards(manifest, file.parent, where=where)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{where}: {file} is not a complete manifest (missing {err})") from err
+    return file.parent, manifest
+
+
+def _check_shards(manifest: dict, root: Path, *, where: str) -> None:
     itemsize = 2 if manifest["dtype"] == "uint16" else 4
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
@@ -79,10 +84,9 @@ def read_manifest(path: str | Path, *, key: str) -> tuple[Path, dict]:
             for part, size in expected.items():
                 f = root / (shard["name"] + EXTENSIONS[part])
                 if not f.is_file():
-                    raise ValueError(f"{key}={str(path)!r}: shard file {f.name} is missing")
+                    raise ValueError(f"{where}: shard file {f.name} is missing")
                 if f.stat().st_size != size:
                     raise ValueError(
-                        f"{key}={str(path)!r}: shard file {f.name} has {f.stat().st_size} bytes but the manifest "
-                        f"says {size} (a corrupt shard, or a manifest that does not match its shards)"
+                        f"{where}: shard file {f.name} has {f.stat().st_size} bytes but the manifest says {size} "
+                        "(a corrupt shard, or a manifest that does not match its shards)"
                     )
-    return root, manifest

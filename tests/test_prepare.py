@@ -276,6 +276,10 @@ def test_a_corrupt_shard_or_a_mismatching_manifest_is_refused(corpus, tmp_path):
             "has 6000 bytes but the manifest says 6002",
         ),
         (lambda d: (d / "manifest.json").write_text("{"), "is not valid JSON"),
+        (
+            lambda d: (d / "manifest.json").write_text(json.dumps({"format": "moe_dist-tokens/1"})),
+            "is not a complete manifest",
+        ),
     ):
         shutil.rmtree(tmp_path / "copy", ignore_errors=True)
         shutil.copytree(corpus["out"], tmp_path / "copy")
