@@ -286,6 +286,19 @@ def test_a_corrupt_shard_or_a_mismatching_manifest_is_refused(corpus, tmp_path):
         damage(tmp_path / "copy")
         with pytest.raises(ValueError, match=message):
             load_tokens(DataConfig(name="tokens", path=str(tmp_path / "copy")), vocab_size=400, seq_len=32)
+    # Through the trainer: one line, before any collective or file write.
+    from training_runs import run
+
+    with pytest.raises(ValueError, match="is not a complete manifest"):
+        run(
+            [
+                "model.vocab_size=400",
+                "data.name=tokens",
+                f"data.path={tmp_path / 'copy'}",
+                f"trainer.out_dir={tmp_path / 'out'}",
+            ]
+        )
+    assert not (tmp_path / "out").exists()
     (tmp_path / "copy" / "manifest.json").write_text(json.dumps({**corpus["manifest"]}))
     (tmp_path / "copy" / "train_00000.bin").write_bytes(b"\xff" * 6000)  # same size, other bytes
     with pytest.raises(ValueError, match=r"train_00000\.bin does not match its sha256"):
