@@ -145,6 +145,7 @@ def test_flex_attention_path_equals_the_dense_mask(monkeypatch):
     """The CUDA path (flex_attention with a block mask), run here uncompiled on CPU."""
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
     monkeypatch.setitem(transformer._FLEX, "fn", flex.flex_attention)
+    monkeypatch.setitem(transformer._FLEX, "block_mask", flex.create_block_mask)
     _, doc_ids = packed_row(seed=3)
     m = model(False, n_kv_heads=2)
     q = torch.randn(1, 4, 24, 8, generator=torch.Generator().manual_seed(4))

@@ -69,12 +69,13 @@ class DocumentMask:
         if use_flex is None:
             use_flex = doc_ids_BS.device.type == "cuda" and _flex_attention() is not None
         if use_flex:
-            from torch.nn.attention.flex_attention import create_block_mask
 
             def same_document_causal(b, h, q_idx, kv_idx):
                 return (q_idx >= kv_idx) & (doc_ids_BS[b, q_idx] == doc_ids_BS[b, kv_idx])
 
-            self.block_mask = create_block_mask(same_document_causal, B, None, S, S, device=doc_ids_BS.device)
+            self.block_mask = _FLEX["block_mask"](
+                same_document_causal, B, None, S, S, device=doc_ids_BS.device
+            )
             self.dense_BSS = None
         else:
             causal_SS = torch.ones(S, S, dtype=torch.bool, device=doc_ids_BS.device).tril()
@@ -101,12 +102,14 @@ _FLEX = {}
 
 
 def _flex_attention():
-    """torch.compile(flex_attention), built once; None where this torch has no flex_attention."""
+    """torch.compile(flex_attention), built once (with a compiled create_block_mask, which otherwise
+    evaluates the mask over all [B, S, S] positions); None where this torch has no flex_attention."""
     if "fn" not in _FLEX:
         try:
-            from torch.nn.attention.flex_attention import flex_attention
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
             _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+            _FLEX["block_mask"] = torch.compile(create_block_mask)
         except ImportError:
             _FLEX["fn"] = None
     return _FLEX["fn"]
