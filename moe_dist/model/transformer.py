@@ -69,6 +69,7 @@ class DocumentMask:
         if use_flex is None:
             use_flex = doc_ids_BS.device.type == "cuda" and _flex_attention() is not None
         if use_flex:
+            assert _flex_attention() is not None, "this torch has no flex_attention"
 
             def same_document_causal(b, h, q_idx, kv_idx):
                 return (q_idx >= kv_idx) & (doc_ids_BS[b, q_idx] == doc_ids_BS[b, kv_idx])
