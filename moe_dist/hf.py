@@ -403,13 +403,6 @@ def hf_tensor_mappings(
     return out
 
 
-def hf_state_dict(
-    cfg: ModelConfig, state: dict[str, torch.Tensor], model_type: str
-) -> dict[str, torch.Tensor]:
-    """moe_dist global state dict → the tensors of ``model_type``'s files (names and layouts of save_pretrained)."""
-    return {m.hf: m.to_hf(state.__getitem__) for m in hf_tensor_mappings(cfg, model_type)}
-
-
 def export_model(model: Transformer, out_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> str:
     """Writes config.json, model.safetensors and moe_dist.json for an unsharded model; returns the model_type."""
     cfg = model.cfg
