@@ -18,6 +18,8 @@ GROUPED_MM_MODES = ("auto", "on", "off")
 PRECISIONS = ("auto", "fp32", "bf16", "fp64")  # see moe_dist/precision.py
 AUX_LOSS_SCOPES = ("micro_step", "sequence")
 ACTIVATION_CHECKPOINTING = ("none", "full", "moe", "every_n:<n>")
+QK_NORMS = ("none", "head", "full")
+FREEZE_GROUPS = ("router", "embeddings", "dense", "experts")
 
 
 @dataclass
@@ -51,8 +53,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    init_from: str | None = None  # local Hugging Face (Mixtral) directory to start from; never downloaded
+    init_from: str | None = None  # start from: a moe_dist checkpoint or run dir, or a local Hugging Face dir
     moe: MoEConfig = field(default_factory=MoEConfig)
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = n_heads
+    head_dim: int | None = None  # per-head width; None = dim // n_heads
+    qk_norm: str = (
+        "none"  # RMSNorm of queries and keys: "none", "head" (over head_dim: Qwen3), "full" (OLMoE)
+    )
+    tie_embeddings: bool = False  # the LM head reuses the token embedding matrix
+    loss_chunk_tokens: int | None = None  # cross-entropy chunk; None = auto (<= 2^26 logits), 0 = unchunked
 
 
 @dataclass
@@ -76,7 +85,9 @@ class EngineConfig:
 class DataConfig:
     name: str = "stdlib"  # "stdlib" (this Python's standard-library sources), "text", "tokens"
     path: str | None = None  # file, directory or glob (text); a uint16 .bin file (tokens)
-    val_fraction: float = 0.05  # share of files (stdlib/text) or tokens (tokens) held out for eval
+    val_fraction: float = 0.05  # share of files (stdlib/text) or tokens (flat token file) held out for eval
+    mixture: Any = None  # {prepared dataset dir: weight, ...} sampled by weight (data.name=tokens)
+    document_mask: bool = False  # attention stops at document boundaries; positions restart per document
 
 
 @dataclass
@@ -107,6 +118,7 @@ class TrainerConfig:
     precision: str = "auto"  # "auto" (bf16 on CUDA, else fp32), "fp32", "bf16" (fp32 router/combine), "fp64"
     accum_steps: int | None = None  # micro-steps per step (micro_batch_size then follows from the world)
     activation_checkpointing: str = "none"  # "none", "full" (blocks), "moe" (expert compute), "every_n:<n>"
+    freeze: list[str] = field(default_factory=list)  # groups not trained: router, embeddings, dense, experts
 
 
 @dataclass
@@ -229,6 +241,33 @@ def validate_layout(*, world_size: int, ep: int, num_experts: int) -> None:
         _require(ep == 1, "parallel.ep", ep, "must be 1 for a dense model (model.moe.num_experts=0)")
 
 
+def validate_attention(m: ModelConfig) -> None:
+    """Heads, key/value heads, head width and QK-norm of the attention."""
+    if m.head_dim is None:
+        _require(
+            m.dim % m.n_heads == 0, "model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}"
+        )
+        _require((m.dim // m.n_heads) % 2 == 0, "model.n_heads", m.n_heads, "head dim must be even for RoPE")
+    else:
+        _require(
+            m.head_dim >= 2 and m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even for RoPE"
+        )
+    if m.n_kv_heads is not None:
+        _require(
+            1 <= m.n_kv_heads <= m.n_heads and m.n_heads % m.n_kv_heads == 0,
+            "model.n_kv_heads",
+            m.n_kv_heads,
+            f"must divide model.n_heads={m.n_heads} (each key/value head serves a group of query heads)",
+        )
+    _require(m.qk_norm in QK_NORMS, "model.qk_norm", m.qk_norm, f"must be one of {QK_NORMS}")
+    _require(
+        m.loss_chunk_tokens is None or m.loss_chunk_tokens >= 0,
+        "model.loss_chunk_tokens",
+        m.loss_chunk_tokens,
+        "must be >= 0 (0 = unchunked) or null (auto)",
+    )
+
+
 def validate(cfg: Config, *, world_size: int) -> None:
     """Checks the whole run config against the world size; raises ValueError naming key and value.
 
@@ -238,8 +277,7 @@ def validate(cfg: Config, *, world_size: int) -> None:
     m, t = cfg.model, cfg.trainer
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "seq_len", "ffn_hidden"):
         _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
-    _require(m.dim % m.n_heads == 0, "model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
-    _require((m.dim // m.n_heads) % 2 == 0, "model.n_heads", m.n_heads, "head dim must be even for RoPE")
+    validate_attention(m)
     _require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
     validate_moe(m.moe, dim=m.dim, ep=cfg.parallel.ep)
     _require(
@@ -265,8 +303,22 @@ def validate(cfg: Config, *, world_size: int) -> None:
 
     d = cfg.data
     _require(d.name in DATASETS, "data.name", d.name, f"must be one of {DATASETS}")
-    if d.name in ("text", "tokens"):
-        _require(bool(d.path), "data.path", d.path, f"is required for data.name={d.name}")
+    if d.mixture is None:
+        if d.name in ("text", "tokens"):
+            _require(bool(d.path), "data.path", d.path, f"is required for data.name={d.name}")
+    else:
+        _require(d.name == "tokens", "data.mixture", d.mixture, "needs data.name=tokens")
+        _require(d.path is None, "data.path", d.path, "must be null when data.mixture names the datasets")
+        _require(
+            isinstance(d.mixture, dict)
+            and len(d.mixture) > 0
+            and all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in d.mixture.values()
+            ),
+            "data.mixture",
+            d.mixture,
+            "must map prepared dataset directories to weights > 0, e.g. {data/web: 0.7, data/code: 0.3}",
+        )
     _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
 
     _require(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
@@ -299,6 +351,13 @@ def validate(cfg: Config, *, world_size: int) -> None:
     _require(t.collapse_warn_steps >= 0, "trainer.collapse_warn_steps", t.collapse_warn_steps, "must be >= 0")
     _require(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
     _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "must be auto, cpu or cuda")
+    _require(
+        set(t.freeze) <= set(FREEZE_GROUPS) and len(set(t.freeze)) == len(t.freeze),
+        "trainer.freeze",
+        t.freeze,
+        f"must list distinct groups out of {list(FREEZE_GROUPS)}",
+    )
+    _require(set(t.freeze) != set(FREEZE_GROUPS), "trainer.freeze", t.freeze, "leaves nothing to train")
     _require(
         cfg.logging.wandb.mode in WANDB_MODES,
         "logging.wandb.mode",

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -26,7 +25,7 @@ from moe_dist.checkpoint import (
     validate_resume,
 )
 from moe_dist.config import Config, batch_layout, validate
-from moe_dist.data import TokenSplits, load_tokens, rank_batch
+from moe_dist.data import Batch, TokenSplits, load_tokens, rank_batch
 from moe_dist.distributed import (
     broadcast_json,
     choose_device,
@@ -38,12 +37,13 @@ from moe_dist.engines import Engine, build_engine, validate_engine
 from moe_dist.guards import CollapseDetector, NonFiniteGuard, Watchdog
 from moe_dist.memory import peak_memory_bytes, peak_memory_source, reset_peak_memory
 from moe_dist.metrics import MetricsLogger, truncate_metrics
-from moe_dist.model.build import build_model
+from moe_dist.model.build import build_model, validate_init_from
+from moe_dist.model.loss import IGNORE_INDEX
 from moe_dist.model.transformer import Transformer, count_parameters
 from moe_dist.moe.layer import MoELayer
 from moe_dist.optim import lr_at
 from moe_dist.parallel.mesh import Mesh, build_mesh
-from moe_dist.precision import accum_dtype, autocast, resolve_precision
+from moe_dist.precision import autocast, resolve_precision
 
 EVAL_SEED_OFFSET = 7_919  # eval batches come from (seed + offset, i): never the training draws
 
@@ -88,11 +88,13 @@ def run_device(cfg: Config) -> tuple[str, str]:
 
 def validate_run(cfg: Config, *, world_size: int) -> None:
     """Every check of a run config, before any collective or file write: the schema (config.py), the device
-    and backend on this machine, the chosen engine's own config, and the checkpoint to resume from."""
+    and backend on this machine, the chosen engine's own config, the checkpoint to resume from and the
+    weights to start from."""
     validate(cfg, world_size=world_size)
     run_device(cfg)
     validate_engine(cfg.engine, cfg.trainer, world_size=world_size, model=cfg.model, ep=cfg.parallel.ep)
     validate_resume(cfg.trainer.resume)
+    validate_init_from(cfg)
 
 
 class StepStats:
@@ -144,10 +146,10 @@ class StepStats:
         }
 
 
-def lm_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = model(inputs)
-    logits = logits.to(accum_dtype(logits))  # bf16 logits: the loss in fp32 (fp64 stays fp64)
-    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+def lm_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, **batch_extras) -> torch.Tensor:
+    """Mean next-token cross-entropy (chunked over the vocabulary inside the model: no full logits; summed in
+    the accumulation dtype: fp32 under bf16, fp64 in fp64 mode)."""
+    return model(inputs, targets_BS=targets, **batch_extras)
 
 
 @dataclass
@@ -231,9 +233,11 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
         torch.manual_seed(step_seed(t.seed, step, run.mesh.rank))
     for i in range(run.accum_steps):
         with phase("data"):
-            micro_inputs, micro_targets = micro_batch(run, step, i)
+            micro = micro_batch(run, step, i)
         with phase("forward"), run.autocast:
-            ce = lm_loss(model, micro_inputs, micro_targets)
+            ce = lm_loss(model, micro.inputs, micro.targets, **micro.model_kwargs())
+            if micro.global_targets != t.global_batch_size * run.cfg.model.seq_len:
+                ce = ce * token_share(micro, num_micro_batches=run.mesh.world_size * run.accum_steps)
             loss = (ce + model.moe_loss()) / run.accum_steps
         with phase("backward"):
             engine.backward(loss, last_micro_batch=i == run.accum_steps - 1)
@@ -257,7 +261,7 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
     return StepResult(grad_norm, skip_message)
 
 
-def micro_batch(run: Run, step: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+def micro_batch(run: Run, step: int, i: int) -> Batch:
     """This rank's rows of micro-step ``i`` of ``step``, on the device.
 
     Micro-step i is the slice [i·G/A, (i+1)·G/A) of the global batch (G sequences, A micro-steps), split
@@ -265,7 +269,7 @@ def micro_batch(run: Run, step: int, i: int) -> tuple[torch.Tensor, torch.Tensor
     micro-step holds the same sequences at any world size (what the micro_step aux-loss scope sees).
     """
     t, mesh = run.cfg.trainer, run.mesh
-    inputs, targets = rank_batch(
+    batch = rank_batch(
         run.data.train,
         seed=t.seed,
         step=step,
@@ -273,19 +277,33 @@ def micro_batch(run: Run, step: int, i: int) -> tuple[torch.Tensor, torch.Tensor
         seq_len=run.cfg.model.seq_len,
         rank=i * mesh.world_size + mesh.rank,
         world_size=mesh.world_size * run.accum_steps,
+        document_mask=run.cfg.data.document_mask,
     )
-    return inputs.to(run.device), targets.to(run.device)
+    return batch.rows(slice(None), run.device)
+
+
+def token_share(micro: Batch, *, num_micro_batches: int) -> torch.Tensor:
+    """The factor that turns a micro-batch's mean over its trained targets (SFT loss masks) into its share of
+    the mean over all trained targets of the global batch: its target count over the count it would have if
+    the global batch's ``global_targets`` were spread evenly over the ``num_micro_batches`` (= W x A).
+
+    The step's loss, the mean over ranks and micro-steps of the weighted means, is then the token mean of the
+    global batch at any world size and accumulation split. 0 when the global batch trains no target.
+    """
+    even = micro.global_targets / num_micro_batches
+    return (micro.targets != IGNORE_INDEX).sum() / max(even, 1e-9)
 
 
 @torch.no_grad()
 def evaluate(run: Run) -> float:
-    """Mean validation loss over trainer.eval_batches global batches (the same batches at any world size)."""
+    """Mean validation loss per target token over trainer.eval_batches global batches (the same batches at
+    any world size)."""
     cfg, mesh, model = run.cfg, run.mesh, run.model
     t = cfg.trainer
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=run.device)
     for i in range(t.eval_batches):
-        inputs, targets = rank_batch(
+        batch = rank_batch(
             run.data.val,
             seed=t.seed + EVAL_SEED_OFFSET,
             step=i,
@@ -293,11 +311,14 @@ def evaluate(run: Run) -> float:
             seq_len=cfg.model.seq_len,
             rank=mesh.rank,
             world_size=mesh.world_size,
+            document_mask=cfg.data.document_mask,
         )
-        for mb_in, mb_tg in zip(inputs.split(run.micro_batch_size), targets.split(run.micro_batch_size)):
+        for start in range(0, len(batch.inputs), run.micro_batch_size):
+            micro = batch.rows(slice(start, start + run.micro_batch_size), run.device)
             with run.autocast:
-                loss = lm_loss(model, mb_in.to(run.device), mb_tg.to(run.device))
-            total += torch.stack([loss.double(), total.new_ones(())])
+                loss = lm_loss(model, micro.inputs, micro.targets, **micro.model_kwargs())
+            num_targets = (micro.targets != IGNORE_INDEX).sum().double()
+            total += torch.stack([loss.double() * num_targets, num_targets])
     if mesh.world_group is not None:
         dist.all_reduce(total, group=mesh.world_group)
     model.train()

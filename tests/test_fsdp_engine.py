@@ -496,7 +496,6 @@ def test_metrics_record_peak_memory_per_rank(results):
     ("engine", "trainer", "model", "world", "message"),
     [
         ("deepspeed", {"precision": "fp64"}, {}, 2, "trainer.precision='fp64': DeepSpeed reduces"),
-        ("fsdp", {}, {"init_from": "/hf"}, 2, "model.init_from='/hf': not supported with engine.name='fsdp'"),
         # 2 experts over ep 2 and edp 4: FSDP splits dim 1 of the expert weights, which must be even.
         ("fsdp", {}, {"dim": 34}, 8, r"model.dim=34: must be divisible by edp = world / parallel.ep = 4"),
         (
@@ -521,6 +520,6 @@ def test_engine_checks_name_the_key(engine, trainer, model, world, message):
             model=ModelConfig(moe=moe, **model),
             ep=2,
         )
-    if engine == "fsdp" and "init_from" not in model:  # the default sizes split evenly
+    if engine == "fsdp":  # the default sizes split evenly
         even = ModelConfig(moe=MoEConfig(num_experts=2, top_k=1, norm_topk=False))
         validate_engine(EngineConfig(name=engine), TrainerConfig(), world_size=world, model=even, ep=2)

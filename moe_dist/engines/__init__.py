@@ -45,11 +45,6 @@ def validate_engine(
 
 def validate_fsdp_model(model: ModelConfig, *, world_size: int, ep: int) -> None:
     """What FSDP2 x EP cannot shard: expert weights split along the model dim must split evenly."""
-    if model.init_from:
-        raise ValueError(
-            f"model.init_from={model.init_from!r}: not supported with engine.name='fsdp' yet (its loader writes "
-            "unsharded tensors); start from it with engine=native, then resume that checkpoint with fsdp"
-        )
     edp, num_local = world_size // ep, model.moe.num_experts // ep
     if model.moe.num_experts == 0 or num_local % edp == 0:
         return  # experts split along the expert dim

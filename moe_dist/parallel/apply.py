@@ -86,8 +86,8 @@ def parallelize_fsdp(
     model: nn.Module, mesh: Mesh, *, bf16: bool, reshard_after_forward: bool, prefetch: int = 0
 ) -> nn.Module:
     """Shards the parameters with FSDP2 (in place; after ``parallelize_moe`` and activation checkpointing,
-    on the meta device or on real tensors): dense parameters over all W ranks, one unit per block plus the
-    embedding and the head; expert parameters over their EDP group.
+    on the meta device or on real tensors): dense parameters over all W ranks, one unit per block, one for
+    the token embeddings (untied) and the root (final norm, LM head); expert parameters over their EDP group.
 
     Experts first become DTensors of the global [E, ...] tensor on the ``ep`` sub-mesh (Shard(0): this EP
     rank's L experts), then FSDP shards them over ``edp``: a 2-D (edp, ep) DTensor whose files in a checkpoint
@@ -122,12 +122,15 @@ def parallelize_fsdp(
                 router_policy = MixedPrecisionPolicy(param_dtype=torch.float32, cast_forward_inputs=False)
                 fully_shard(block.ffn.router, mesh=dp_mesh, mp_policy=router_policy)
         fully_shard(block, mesh=dp_mesh, **options)
-    fully_shard(model.tok_embeddings, mesh=dp_mesh, **options)
-    # The head runs last in forward and first in backward: resharding it in between would only regather it.
-    fully_shard(model.output, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
-    fully_shard(model, mesh=dp_mesh, **options)
+    if model.output is not None:
+        fully_shard(model.tok_embeddings, mesh=dp_mesh, **options)
+    # The root unit holds the final norm and the LM head weight (the token embeddings when they are tied: a
+    # tied weight must live in one unit). The loss uses the head weight outside any module's forward
+    # (model/loss.py), which FSDP2 would not gather for; the root's parameters are gathered before the
+    # first block and, without resharding after forward, stay gathered until the end of backward.
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
     if prefetch:
-        units = [model.tok_embeddings, *model.layers, model.output]
+        units = [*([model.tok_embeddings] if model.output is not None else []), *model.layers]
         for i, unit in enumerate(units):
             unit.set_modules_to_forward_prefetch(units[i + 1 : i + 1 + prefetch])
             unit.set_modules_to_backward_prefetch(units[max(0, i - prefetch) : i][::-1])
