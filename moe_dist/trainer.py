@@ -237,7 +237,9 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
         with phase("forward"), run.autocast:
             ce = lm_loss(model, micro.inputs, micro.targets, **micro.model_kwargs())
             if micro.global_targets != t.global_batch_size * run.cfg.model.seq_len:
-                ce = ce * token_share(micro, num_micro_batches=run.mesh.world_size * run.accum_steps)
+                ce = ce * token_share(
+                    micro, num_micro_batches=run.mesh.world_size * run.accum_steps, dtype=ce.dtype
+                )
             loss = (ce + model.moe_loss()) / run.accum_steps
         with phase("backward"):
             engine.backward(loss, last_micro_batch=i == run.accum_steps - 1)
@@ -282,16 +284,17 @@ def micro_batch(run: Run, step: int, i: int) -> Batch:
     return batch.rows(slice(None), run.device)
 
 
-def token_share(micro: Batch, *, num_micro_batches: int) -> torch.Tensor:
+def token_share(micro: Batch, *, num_micro_batches: int, dtype: torch.dtype) -> torch.Tensor:
     """The factor that turns a micro-batch's mean over its trained targets (SFT loss masks) into its share of
     the mean over all trained targets of the global batch: its target count over the count it would have if
     the global batch's ``global_targets`` were spread evenly over the ``num_micro_batches`` (= W x A).
 
     The step's loss, the mean over ranks and micro-steps of the weighted means, is then the token mean of the
-    global batch at any world size and accumulation split. 0 when the global batch trains no target.
+    global batch at any world size and accumulation split. 0 when the global batch trains no target. In the
+    loss's dtype (an integer count over a float is float32: fp64 mode would lose the split invariance).
     """
     even = micro.global_targets / num_micro_batches
-    return (micro.targets != IGNORE_INDEX).sum() / max(even, 1e-9)
+    return (micro.targets != IGNORE_INDEX).sum().to(dtype) / max(even, 1e-9)
 
 
 @torch.no_grad()
