@@ -44,9 +44,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from moe_dist.config import ModelConfig
-from moe_dist.model.transformer import Transformer, head_dim, kv_heads
+from moe_dist.model.transformer import Transformer, head_dim, kv_heads, local_shard
 from moe_dist.moe.layer import MoELayer
 from moe_dist.parallel.mesh import Mesh
 
@@ -607,6 +608,48 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     dst.copy_(src)
 
 
+class _ShardStaging:
+    """engine=fsdp: parameters are DTensor shards, which the mappings cannot fill piecewise. Each one is staged
+    on the host as the mappings need it (dense: the whole tensor; experts: this rank's experts, whole along the
+    other dims), and its shard copied in once the last mapping writing it has run, then freed: at most a few
+    whole tensors at a time, never the whole model."""
+
+    def __init__(
+        self, params: dict[str, torch.Tensor], offsets: dict[str, int], mappings: list[TensorMapping]
+    ):
+        self.params, self.offsets = params, offsets
+        self.sharded = {k: local_shard(v) for k, v in params.items() if isinstance(v, DTensor)}
+        self.pending = {k: sum(k in m.ours for m in mappings) for k in self.sharded}
+        self.staged: dict[str, torch.Tensor] = {}
+
+    def targets(self, mapping: TensorMapping) -> dict[str, torch.Tensor]:
+        out = {}
+        for key in mapping.ours:
+            if key not in self.sharded:
+                out[key] = self.params[key]
+                continue
+            if key not in self.staged:
+                local, _ = self.sharded[key]
+                shape = list(self.params[key].shape)
+                if key in self.offsets:  # stacked experts: only the rows of this rank's experts
+                    shape[0] = local.shape[0]
+                self.staged[key] = torch.empty(shape, dtype=local.dtype)
+            out[key] = self.staged[key]
+        return out
+
+    def done(self, mapping: TensorMapping) -> None:
+        for key in mapping.ours:
+            if key not in self.sharded:
+                continue
+            self.pending[key] -= 1
+            if self.pending[key] == 0:
+                local, offset = self.sharded[key]
+                if key in self.offsets:  # dim 0 already holds this rank's experts only
+                    offset = (0, *offset[1:])
+                staged = self.staged.pop(key)
+                local.copy_(staged[tuple(slice(o, o + n) for o, n in zip(offset, local.shape))])
+
+
 @torch.no_grad()
 def init_from_hf(model: Transformer, path: str | Path, mesh: Mesh) -> None:
     """Loads a local Hugging Face directory into a built (and possibly EP-sharded) moe_dist model, in place.
@@ -645,16 +688,22 @@ def init_from_hf(model: Transformer, path: str | Path, mesh: Mesh) -> None:
     offsets = {}
     for name, module in model.named_modules():
         if isinstance(module, MoELayer):
-            assert module.experts.num_local_experts == module.cfg.num_experts // mesh.ep, (
-                "not sharded by mesh"
-            )
             for w in ("w_gate_up", "w_down"):
-                offsets[f"{name}.experts.{w}"] = module.experts.expert_offset
+                key = f"{name}.experts.{w}"
+                if isinstance(params[key], DTensor):  # engine=fsdp: the global [E, ...] tensor's shard
+                    offsets[key] = local_shard(params[key])[1][0]
+                else:
+                    assert module.experts.num_local_experts == module.cfg.num_experts // mesh.ep, (
+                        "not sharded by mesh"
+                    )
+                    offsets[key] = module.experts.expert_offset
     covered = {key for m in mappings for key in m.ours}
     missing = [k for k in params if k not in covered and not k.endswith(("expert_bias", "noise_weight"))]
     assert not missing, f"no Hugging Face tensor maps to {missing}"
+    staging = _ShardStaging(params, offsets, mappings)
     for mapping in mappings:
-        mapping.load(tensors, params, offsets)
+        mapping.load(tensors, staging.targets(mapping), offsets)
+        staging.done(mapping)
     for layer in model.moe_layers():
         layer.router.expert_bias.zero_()
         if layer.router.noise_weight is not None:

@@ -151,11 +151,37 @@ def world2_jobs(rank: int, world_size: int, root: str, mixtral_dir: str) -> dict
     init_from_hf(imported, qwen3, mesh)
     with torch.no_grad():
         qwen3_logits = imported.eval()(tokens(seed=rank))
+    # engine=fsdp: the same directories into FSDP2 shards (experts split by EP at ep 2, by FSDP over edp 2 at
+    # ep 1, and along the model dim for three experts over edp 2).
+    fsdp = {
+        name: fsdp_import(path, ep=ep, rank=rank)
+        for name, path, ep in (
+            ("qwen3_moe_ep2", qwen3, 2),
+            ("qwen3_moe_ep1", qwen3, 1),
+            ("mixtral_3_experts_ep1", f"{root}/mixtral_3", 1),
+        )
+    }
     return {
         "logits": logits,
         "experts": experts,
         "qwen3_logits": qwen3_logits,
+        "fsdp": fsdp,
     }
+
+
+def fsdp_import(path: str, *, ep: int, rank: int) -> dict:
+    from moe_dist.config import Config, EngineConfig, ParallelConfig
+    from moe_dist.model.build import build_model
+    from moe_dist.parallel.mesh import build_mesh
+
+    model_cfg = with_overrides({**model_config_from_hf(path), "model.init_from": path})
+    cfg = Config(model=model_cfg, engine=EngineConfig(name="fsdp"), parallel=ParallelConfig(ep=ep))
+    model = build_model(cfg, build_mesh(ep=ep, num_experts=model_cfg.moe.num_experts), torch.device("cpu"))
+    shard_dims = {p.dim for n, t in model.named_parameters() if ".experts." in n for p in t.placements}
+    params = {n: t.full_tensor() for n, t in model.named_parameters()}
+    with torch.no_grad():
+        logits = model.eval()(tokens(seed=rank))
+    return {"params": params if rank == 0 else None, "logits": logits, "expert_shard_dims": shard_dims}
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +189,7 @@ def world2(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("hf_world2")
     tiny_mixtral(root / "mixtral")
     tiny_released(root / "qwen3_moe", "qwen3_moe")
+    tiny_mixtral(root / "mixtral_3", num_local_experts=3)
     results = spawn_ranks(2, world2_jobs, str(root), str(root / "mixtral"))
     return {"root": root, "results": results}
 
@@ -198,6 +225,24 @@ def test_import_at_ep2_matches_transformers(world2):
             for local in range(2):
                 w2 = f.get_tensor(f"model.layers.0.block_sparse_moe.experts.{2 * rank + local}.w2.weight")
                 assert torch.equal(result["experts"][local], w2.t())
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe_ep2", "qwen3_moe_ep1", "mixtral_3_experts_ep1"])
+def test_import_into_fsdp_shards_equals_the_single_process_import(world2, case):
+    """Every parameter gathered from the FSDP2 shards equals a one-process import bitwise; both ranks' logits
+    equal transformers'."""
+    path = world2["root"] / case.rsplit("_ep", 1)[0].replace("_3_experts", "_3")
+    reference = Transformer(with_overrides(model_config_from_hf(path)))
+    init_from_hf(reference, path, single_process_mesh())
+    results = [r["fsdp"][case] for r in world2["results"]]
+    got = results[0]["params"]
+    assert got.keys() == dict(reference.named_parameters()).keys()
+    for name, p in reference.named_parameters():
+        assert torch.equal(got[name], p.detach()), name
+    for rank, result in enumerate(results):
+        assert (result["logits"] - logits_of_hf(path, tokens(seed=rank))).abs().max() < TOL
+    # Three experts cannot split over edp 2: FSDP splits the model dim.
+    assert results[0]["expert_shard_dims"] == ({1} if case == "mixtral_3_experts_ep1" else {0})
 
 
 # --------------------------------------------------------------------------------------------- world 1

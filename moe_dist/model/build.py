@@ -85,13 +85,6 @@ def validate_init_from(cfg: Config) -> None:
     if not cfg.model.init_from:
         return
     if init_from_kind(cfg.model.init_from) == "hf":
-        if cfg.engine.name == "fsdp":
-            raise ValueError(
-                f"model.init_from={cfg.model.init_from!r}: a Hugging Face directory cannot start an "
-                "engine.name='fsdp' run (the import fills whole tensors, FSDP2 holds shards); import it with "
-                "engine=native and trainer.max_steps=1 trainer.lr=1e-12 trainer.weight_decay=0 "
-                "trainer.ckpt_every=1, then start the fsdp run with model.init_from=<that run dir>"
-            )
         return  # a Hugging Face directory is checked against the config by init_from_hf
     path = resolve_checkpoint(Path(cfg.model.init_from).expanduser())
     saved = model_config_from_meta(read_meta(path))
