@@ -6,13 +6,17 @@ The plain loss materialises fp32 logits [T, V] and their gradient (at V = 152k a
 each). Here the forward keeps, per token, only the log-sum-exp of its logits; the backward recomputes the
 logits of one chunk at a time and turns them into the gradients of the hidden states and the head weight
 right away. Peak extra memory is a few [C, V] buffers, whatever T is. The matmuls run in the autocast dtype
-when autocast is on (as the plain ``F.linear`` under autocast would), the softmax in fp32.
+when autocast is on (as the plain ``F.linear`` under autocast would), else in the inputs' dtype (bf16 under
+FSDP2's mixed precision); the softmax and the sums in the accumulation dtype of moe_dist/precision.py (fp32;
+fp64 in fp64 mode).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from moe_dist.precision import accum_dtype
 
 IGNORE_INDEX = -100  # targets with this id carry no loss (prompt tokens of supervised fine-tuning)
 AUTO_CHUNK_ELEMENTS = 1 << 26  # auto chunk: at most this many logits (256 MiB in fp32) per chunk
@@ -26,17 +30,13 @@ def chunk_tokens_for(vocab_size: int, chunk_tokens: int | None) -> int:
     return max(MIN_AUTO_CHUNK_TOKENS, AUTO_CHUNK_ELEMENTS // vocab_size)
 
 
-def _softmax_dtype(compute_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if compute_dtype == torch.float64 else torch.float32
-
-
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over tokens with a target of -log softmax(h W^T)[target]; gradients for h and W."""
 
     @staticmethod
     def forward(ctx, h_TD, w_VD, targets_T, chunk, compute_dtype):
         w_cd = w_VD.to(compute_dtype)
-        acc_dtype = _softmax_dtype(compute_dtype)
+        acc_dtype = accum_dtype(h_TD)  # softmax and sums: fp32 (also for bf16 matmuls), fp64 in fp64 mode
         lse_T = torch.empty(h_TD.shape[0], dtype=acc_dtype, device=h_TD.device)
         total = torch.zeros((), dtype=acc_dtype, device=h_TD.device)
         for start in range(0, h_TD.shape[0], chunk):
@@ -89,7 +89,7 @@ def linear_cross_entropy(
     num_targets = (targets_T != IGNORE_INDEX).sum()
     if chunk_tokens == 0:
         logits_TV = F.linear(h_TD, w_VD)
-        logits_TV = logits_TV.to(_softmax_dtype(logits_TV.dtype))
+        logits_TV = logits_TV.to(accum_dtype(logits_TV))
         return F.cross_entropy(logits_TV, targets_T, ignore_index=IGNORE_INDEX, reduction="sum"), num_targets
     device_type = h_TD.device.type
     compute_dtype = (
