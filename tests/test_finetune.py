@@ -51,7 +51,21 @@ def world2_jobs(rank: int, world_size: int, root: str) -> dict:
     start = {k: v.detach().clone() for k, v in ds_run.model.named_parameters()}
     train_step(ds_run, 1)
     moved = [k for k, v in ds_run.model.named_parameters() if not torch.equal(v, start[k])]
-    return {"upcycled_ce": upcycled_ce, "deepspeed_start": start, "deepspeed_moved": moved}
+    # Frozen groups under ZeRO-2 at EP 2 (experts in DeepSpeed's expert groups): frozen stay, the rest moves.
+    cfg = compose_config(
+        [*TINY, "parallel.ep=2", "engine=deepspeed", "engine.zero_stage=2", "trainer.micro_batch_size=4",
+         f"model.init_from={root}/pretrain", "trainer.freeze=[router,embeddings]"]
+    )  # fmt: skip
+    frozen_run = build_run(cfg)
+    frozen_start = {k: v.detach().clone() for k, v in frozen_run.model.named_parameters()}
+    train_step(frozen_run, 1)
+    frozen_moved = {k: not torch.equal(v, frozen_start[k]) for k, v in frozen_run.model.named_parameters()}
+    return {
+        "upcycled_ce": upcycled_ce,
+        "deepspeed_start": start,
+        "deepspeed_moved": moved,
+        "zero2_frozen_moved": frozen_moved,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +109,10 @@ def test_finetune_starts_from_the_weights_with_a_fresh_optimizer_schedule_and_da
     assert frozen == {"tok_embeddings.weight", "output.weight"} | {
         f"layers.{i}.ffn.router.weight" for i in range(2)
     }
+    for rank in runs[
+        "world2"
+    ]:  # the same groups frozen under ZeRO-2 at world 2 / EP 2 (its own expert shards)
+        assert {k for k, moved in rank["zero2_frozen_moved"].items() if not moved} == frozen
 
     run_dir = run(overrides[len(TINY) :])
     records = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
