@@ -87,7 +87,13 @@ STRUCTURAL_KEYS = (
     "moe.num_shared_experts",
     "moe.every_n_layers",
     "moe.noisy_gate",
+    "n_kv_heads",
+    "head_dim",
+    "qk_norm",
+    "tie_embeddings",
 )
+# Values of structural keys that checkpoints written before the key existed had implicitly.
+STRUCTURAL_DEFAULTS = {"n_kv_heads": None, "head_dim": None, "qk_norm": "none", "tie_embeddings": False}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -660,8 +666,18 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _structure(model_cfg: dict) -> dict:
+    """Flat model config with implicit values made explicit (n_kv_heads None = n_heads, ...)."""
+    flat = {**STRUCTURAL_DEFAULTS, **_flatten(model_cfg)}
+    if flat["n_kv_heads"] is None:
+        flat["n_kv_heads"] = flat.get("n_heads")
+    if flat["head_dim"] is None and flat.get("n_heads"):
+        flat["head_dim"] = flat["dim"] // flat["n_heads"]
+    return flat
+
+
 def check_compatible(saved_model_cfg: dict, model_cfg: dict, *, path: str | os.PathLike) -> None:
-    saved, current = _flatten(saved_model_cfg), _flatten(model_cfg)
+    saved, current = _structure(saved_model_cfg), _structure(model_cfg)
     diffs = [
         f"model.{k}: checkpoint {saved.get(k)!r} vs run {current.get(k)!r}"
         for k in STRUCTURAL_KEYS

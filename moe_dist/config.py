@@ -9,12 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-ENGINES = ("native", "deepspeed")
+ENGINES = ("native", "deepspeed", "fsdp")
 ROUTERS = ("softmax", "sigmoid", "soft")
 BACKENDS = ("auto", "nccl", "gloo")
 DATASETS = ("stdlib", "text", "tokens")
 WANDB_MODES = ("disabled", "offline", "online")
 GROUPED_MM_MODES = ("auto", "on", "off")
+PRECISIONS = ("auto", "fp32", "bf16", "fp64")  # see moe_dist/precision.py
+AUX_LOSS_SCOPES = ("micro_step", "sequence")
+ACTIVATION_CHECKPOINTING = ("none", "full", "moe", "every_n:<n>")
+QK_NORMS = ("none", "head", "full")
+FREEZE_GROUPS = ("router", "embeddings", "dense", "experts")
 
 
 @dataclass
@@ -34,6 +39,7 @@ class MoEConfig:
     bias_update_rate: float = 0.001  # aux-loss-free bias step per optimizer step (sigmoid router only)
     every_n_layers: int = 1  # MoE FFN in every n-th block, dense FFN in the others
     grouped_mm: str = "auto"  # "auto": grouped_mm on CUDA when shapes allow, loop on CPU; "on"; "off" (loop)
+    aux_loss_scope: str = "micro_step"  # balance loss per micro-step (Switch) or "sequence" (DeepSeek-V3)
 
 
 @dataclass
@@ -47,8 +53,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    init_from: str | None = None  # local Hugging Face (Mixtral) directory to start from; never downloaded
+    init_from: str | None = None  # start from: a moe_dist checkpoint or run dir, or a local Hugging Face dir
     moe: MoEConfig = field(default_factory=MoEConfig)
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = n_heads
+    head_dim: int | None = None  # per-head width; None = dim // n_heads
+    qk_norm: str = (
+        "none"  # RMSNorm of queries and keys: "none", "head" (over head_dim: Qwen3), "full" (OLMoE)
+    )
+    tie_embeddings: bool = False  # the LM head reuses the token embedding matrix
+    loss_chunk_tokens: int | None = None  # cross-entropy chunk; None = auto (<= 2^26 logits), 0 = unchunked
 
 
 @dataclass
@@ -61,16 +74,20 @@ class ParallelConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "native"  # "native" (AdamW + moe_dist gradient sync) or "deepspeed" (ZeRO optimizer sharding)
+    name: str = "native"  # "native" (AdamW + gradient sync), "deepspeed" (ZeRO), "fsdp" (FSDP2, all sharded)
     zero_stage: int = 0  # deepspeed: 0, 1 (optimizer state sharded) or 2 (+ gradients sharded)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, passed through
+    reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward, regather in backward
+    prefetch: int = 0  # fsdp: all-gathers issued this many units ahead explicitly (0: FSDP2's own)
 
 
 @dataclass
 class DataConfig:
     name: str = "stdlib"  # "stdlib" (this Python's standard-library sources), "text", "tokens"
     path: str | None = None  # file, directory or glob (text); a uint16 .bin file (tokens)
-    val_fraction: float = 0.05  # share of files (stdlib/text) or tokens (tokens) held out for eval
+    val_fraction: float = 0.05  # share of files (stdlib/text) or tokens (flat token file) held out for eval
+    mixture: Any = None  # {prepared dataset dir: weight, ...} sampled by weight (data.name=tokens)
+    document_mask: bool = False  # attention stops at document boundaries; positions restart per document
 
 
 @dataclass
@@ -98,6 +115,10 @@ class TrainerConfig:
     device: str = "auto"  # "auto" = cuda when available, else cpu
     progress_bar: bool = True
     async_checkpoint: bool = False  # write checkpoints in the background (stall: one copy to host memory)
+    precision: str = "auto"  # "auto" (bf16 on CUDA, else fp32), "fp32", "bf16" (fp32 router/combine), "fp64"
+    accum_steps: int | None = None  # micro-steps per step (micro_batch_size then follows from the world)
+    activation_checkpointing: str = "none"  # "none", "full" (blocks), "moe" (expert compute), "every_n:<n>"
+    freeze: list[str] = field(default_factory=list)  # groups not trained: router, embeddings, dense, experts
 
 
 @dataclass
@@ -238,6 +259,33 @@ def validate_layout(*, world_size: int, ep: int, num_experts: int) -> None:
         _require(ep == 1, "parallel.ep", ep, "must be 1 for a dense model (model.moe.num_experts=0)")
 
 
+def validate_attention(m: ModelConfig) -> None:
+    """Heads, key/value heads, head width and QK-norm of the attention."""
+    if m.head_dim is None:
+        _require(
+            m.dim % m.n_heads == 0, "model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}"
+        )
+        _require((m.dim // m.n_heads) % 2 == 0, "model.n_heads", m.n_heads, "head dim must be even for RoPE")
+    else:
+        _require(
+            m.head_dim >= 2 and m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even for RoPE"
+        )
+    if m.n_kv_heads is not None:
+        _require(
+            1 <= m.n_kv_heads <= m.n_heads and m.n_heads % m.n_kv_heads == 0,
+            "model.n_kv_heads",
+            m.n_kv_heads,
+            f"must divide model.n_heads={m.n_heads} (each key/value head serves a group of query heads)",
+        )
+    _require(m.qk_norm in QK_NORMS, "model.qk_norm", m.qk_norm, f"must be one of {QK_NORMS}")
+    _require(
+        m.loss_chunk_tokens is None or m.loss_chunk_tokens >= 0,
+        "model.loss_chunk_tokens",
+        m.loss_chunk_tokens,
+        "must be >= 0 (0 = unchunked) or null (auto)",
+    )
+
+
 def validate(cfg: Config, *, world_size: int) -> None:
     """Checks the whole run config against the world size; raises ValueError naming key and value.
 
@@ -247,8 +295,7 @@ def validate(cfg: Config, *, world_size: int) -> None:
     m, t = cfg.model, cfg.trainer
     for key in ("vocab_size", "dim", "n_layers", "n_heads", "seq_len", "ffn_hidden"):
         _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
-    _require(m.dim % m.n_heads == 0, "model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
-    _require((m.dim // m.n_heads) % 2 == 0, "model.n_heads", m.n_heads, "head dim must be even for RoPE")
+    validate_attention(m)
     _require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
     validate_moe(m.moe, dim=m.dim, ep=cfg.parallel.ep)
     _require(
@@ -264,6 +311,7 @@ def validate(cfg: Config, *, world_size: int) -> None:
     e = cfg.engine
     _require(e.name in ENGINES, "engine.name", e.name, f"must be one of {ENGINES}")
     _require(e.zero_stage in (0, 1, 2), "engine.zero_stage", e.zero_stage, "must be 0, 1 or 2")
+    _require(e.prefetch >= 0, "engine.prefetch", e.prefetch, "must be >= 0")
     _require(
         e.name == "deepspeed" or e.zero_stage == 0,
         "engine.zero_stage",
@@ -273,8 +321,22 @@ def validate(cfg: Config, *, world_size: int) -> None:
 
     d = cfg.data
     _require(d.name in DATASETS, "data.name", d.name, f"must be one of {DATASETS}")
-    if d.name in ("text", "tokens"):
-        _require(bool(d.path), "data.path", d.path, f"is required for data.name={d.name}")
+    if d.mixture is None:
+        if d.name in ("text", "tokens"):
+            _require(bool(d.path), "data.path", d.path, f"is required for data.name={d.name}")
+    else:
+        _require(d.name == "tokens", "data.mixture", d.mixture, "needs data.name=tokens")
+        _require(d.path is None, "data.path", d.path, "must be null when data.mixture names the datasets")
+        _require(
+            isinstance(d.mixture, dict)
+            and len(d.mixture) > 0
+            and all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in d.mixture.values()
+            ),
+            "data.mixture",
+            d.mixture,
+            "must map prepared dataset directories to weights > 0, e.g. {data/web: 0.7, data/code: 0.3}",
+        )
     _require(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
 
     _require(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1")
@@ -285,14 +347,15 @@ def validate(cfg: Config, *, world_size: int) -> None:
             t.stop_at_step,
             "must be in [1, max_steps]",
         )
-    _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size, "must be >= 1")
-    _require(
-        t.global_batch_size >= 1 and t.global_batch_size % (world_size * t.micro_batch_size) == 0,
-        "trainer.global_batch_size",
-        t.global_batch_size,
-        f"must be a positive multiple of world_size x trainer.micro_batch_size = "
-        f"{world_size} x {t.micro_batch_size}",
-    )
+    if t.accum_steps is None:
+        _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size, "must be >= 1")
+        _require(
+            t.global_batch_size >= 1 and t.global_batch_size % (world_size * t.micro_batch_size) == 0,
+            "trainer.global_batch_size",
+            t.global_batch_size,
+            f"must be a positive multiple of world_size x trainer.micro_batch_size = "
+            f"{world_size} x {t.micro_batch_size}",
+        )
     _require(t.lr > 0, "trainer.lr", t.lr, "must be > 0")
     _require(0 <= t.min_lr_ratio <= 1, "trainer.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     _require(t.warmup_steps >= 0, "trainer.warmup_steps", t.warmup_steps, "must be >= 0")
@@ -307,11 +370,64 @@ def validate(cfg: Config, *, world_size: int) -> None:
     _require(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
     _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "must be auto, cpu or cuda")
     _require(
+        set(t.freeze) <= set(FREEZE_GROUPS) and len(set(t.freeze)) == len(t.freeze),
+        "trainer.freeze",
+        t.freeze,
+        f"must list distinct groups out of {list(FREEZE_GROUPS)}",
+    )
+    _require(set(t.freeze) != set(FREEZE_GROUPS), "trainer.freeze", t.freeze, "leaves nothing to train")
+    _require(
         cfg.logging.wandb.mode in WANDB_MODES,
         "logging.wandb.mode",
         cfg.logging.wandb.mode,
         f"must be one of {WANDB_MODES}",
     )
+
+    # Precision, the batch split into micro-steps, activation checkpointing, the aux-loss scope.
+    _require(t.precision in PRECISIONS, "trainer.precision", t.precision, f"must be one of {PRECISIONS}")
+    if t.accum_steps is not None:
+        _require(t.accum_steps >= 1, "trainer.accum_steps", t.accum_steps, "must be >= 1 (or null)")
+        _require(
+            t.global_batch_size >= 1 and t.global_batch_size % (world_size * t.accum_steps) == 0,
+            "trainer.accum_steps",
+            t.accum_steps,
+            f"cannot be kept at world size {world_size}: trainer.global_batch_size={t.global_batch_size} "
+            f"must be a positive multiple of world_size x accum_steps = {world_size} x {t.accum_steps}",
+        )
+    parse_activation_checkpointing(t.activation_checkpointing)
+    _require(
+        m.moe.aux_loss_scope in AUX_LOSS_SCOPES,
+        "model.moe.aux_loss_scope",
+        m.moe.aux_loss_scope,
+        f"must be one of {AUX_LOSS_SCOPES}",
+    )
+
+
+def batch_layout(t: TrainerConfig, *, world_size: int) -> tuple[int, int]:
+    """(sequences per rank per micro-step, micro-steps per optimizer step) at this world size.
+
+    ``trainer.accum_steps`` fixes the micro-steps (the per-rank micro-batch follows from the world size);
+    otherwise ``trainer.micro_batch_size`` is fixed and the micro-steps follow.
+    """
+    if t.accum_steps is not None:
+        return t.global_batch_size // (world_size * t.accum_steps), t.accum_steps
+    return t.micro_batch_size, t.global_batch_size // (world_size * t.micro_batch_size)
+
+
+def parse_activation_checkpointing(mode: str) -> tuple[str, int]:
+    """``trainer.activation_checkpointing`` → (kind, n): ("none", 0), ("full", 1), ("moe", 0), ("every_n", n)."""
+    if mode in ("none", "moe"):
+        return mode, 0
+    if mode == "full":
+        return "every_n", 1
+    kind, _, n = mode.partition(":")
+    _require(
+        kind == "every_n" and n.isdigit() and int(n) >= 1,
+        "trainer.activation_checkpointing",
+        mode,
+        f"must be one of {ACTIVATION_CHECKPOINTING} with n >= 1",
+    )
+    return "every_n", int(n)
 
 
 PLAN_DEPTHS = ("auto", "full")

@@ -30,11 +30,10 @@ from moe_dist.checkpoint import (
     resolve_checkpoint,
     saved_tensors,
 )
-from moe_dist.hf import ARCHITECTURES, WEIGHTS_INDEX, _check_exportable, hf_config, hf_state_dict
+from moe_dist.hf import ARCHITECTURES, WEIGHTS_INDEX, _check_exportable, hf_config, hf_tensor_mappings
 from moe_dist.model.build import model_config_from_meta
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-KEEP_FP32 = ("e_score_correction_bias",)  # Hugging Face tensors that stay fp32 whatever the export dtype
 
 
 class _OneGroupState(Mapping):
@@ -90,10 +89,12 @@ def export_checkpoint(
         names = [name for name in shapes if _group_of(name) == group]
         real = read_tensors(reader, [f"model.{name}" for name in names])
         real = {name.removeprefix("model."): t for name, t in real.items()}
-        tensors = {
-            hf: (t if hf.endswith(KEEP_FP32) else t.to(dtype)).contiguous()
-            for hf, t in hf_state_dict(cfg, _OneGroupState(shapes, real), model_type).items()
-            if _group_of(hf) == group
+        state = _OneGroupState(shapes, real)
+        tensors = {  # only this group's mappings are computed
+            m.hf: (t if m.keep_fp32 else t.to(dtype)).contiguous()
+            for m in hf_tensor_mappings(cfg, model_type)
+            if _group_of(m.hf) == group
+            for t in (m.to_hf(state.__getitem__),)
         }
         assert all(t.device.type == "cpu" for t in tensors.values()), f"{group} depends on another group"
         file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"

@@ -65,7 +65,7 @@ def generate(
     if temperature < 0:
         raise ValueError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
     mesh = mesh or single_process_mesh()
-    device = model.output.weight.device
+    device = model.head_weight.device
     seq_len = model.cfg.seq_len
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

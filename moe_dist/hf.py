@@ -8,16 +8,24 @@ Export picks the transformers architecture that computes exactly what the moe_di
     Qwen2-MoE          softmax top-k with or without renormalisation, dense FFN blocks at any positions
                        (``mlp_only_layers``), no shared experts (its sigmoid-gated shared expert has width 0)
     GLM-4-MoE          sigmoid router whose selection bias is ``e_score_correction_bias`` (DeepSeek-V3
-                       routing without MLA), ungated shared experts; n_group = 1, routed scaling 1, full RoPE
-    Llama              dense models (model.moe.num_experts = 0)
+                       routing without MLA), ungated shared experts; n_group = 1, routed scaling 1, full RoPE;
+                       per-head QK-norm optional (``use_qk_norm``)
+    Qwen3-MoE          softmax top-k (normalised or not), per-head QK-norm, dense blocks at any positions
+    OLMoE              softmax top-k (normalised or not), QK-norm over the whole q / k projections
+    Llama, Qwen3       dense models (model.moe.num_experts = 0), without / with per-head QK-norm
 
-and refuses, with a ValueError naming the feature, a model none of them computes. The files use the
-names and layouts that ``save_pretrained`` writes (per expert, ``experts.{e}.w1``..., except Granite's
-stacked ``input_linear``), hold the *global* experts whatever EP the checkpoint was saved at, and load
-with ``AutoModelForCausalLM.from_pretrained``.
+all with grouped-query attention, any head_dim and tied or untied embeddings, and refuses, with a
+ValueError naming the feature, a model none of them computes. The files use the names and layouts that
+``save_pretrained`` writes (per expert, ``experts.{e}.w1``..., except Granite's stacked ``input_linear``),
+hold the *global* experts whatever EP the checkpoint was saved at, and load with
+``AutoModelForCausalLM.from_pretrained``.
 
-Import (``init_from_hf``) reads local Mixtral directories (config.json + safetensors), each rank only its
-expert shard; it never downloads. Only json and safetensors are needed here, not transformers.
+One list of ``TensorMapping``s per architecture (``hf_tensor_mappings``) names every Hugging Face tensor and
+the moe_dist tensor it comes from; export and import both run from it.
+
+Import (``init_from_hf``) reads local Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE, Llama and Qwen3 directories
+(config.json + safetensors, per-expert or fused expert layout), each rank only its expert shard; it never
+downloads. Only json and safetensors are needed here, not transformers.
 
 Legend: E experts, L local experts, D model dim, F expert hidden dim.
 """
@@ -29,19 +37,25 @@ import dataclasses
 import json
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from moe_dist.config import ModelConfig
-from moe_dist.model.transformer import Transformer
+from moe_dist.model.transformer import Transformer, head_dim, kv_heads, local_shard
 from moe_dist.moe.layer import MoELayer
 from moe_dist.parallel.mesh import Mesh
 
 ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "granitemoeshared": "GraniteMoeSharedForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
@@ -57,6 +71,10 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 def hf_model_type(cfg: ModelConfig) -> str:
     """The transformers ``model_type`` that computes this model exactly; ValueError naming what has none."""
     moe = cfg.moe
+    if cfg.qk_norm == "full":
+        return _full_qk_norm_type(cfg)
+    if cfg.qk_norm == "head":
+        return _per_head_qk_norm_type(cfg)
     if moe.num_experts == 0:
         return "llama"
     renormalised = moe.norm_topk or moe.router == "soft"  # soft weights already sum to 1 over all experts
@@ -90,6 +108,40 @@ def hf_model_type(cfg: ModelConfig) -> str:
     return "mixtral"
 
 
+def _full_qk_norm_type(cfg: ModelConfig) -> str:
+    """QK-norm over the whole projections: OLMoE (softmax top-k, an MoE FFN in every block, no shared experts)."""
+    moe, why = cfg.moe, None
+    if moe.num_experts == 0:
+        why = "dense models with it (OLMo-2) also move the block norms after attention and MLP"
+    elif moe.router == "sigmoid" or moe.num_shared_experts or moe.every_n_layers > 1:
+        why = "OLMoE, the MoE that has it, routes by softmax with no shared experts and an MoE FFN in every block"
+    elif head_dim(cfg) * cfg.n_heads != cfg.dim:
+        why = f"OLMoE normalises queries over hidden_size, so model.head_dim={cfg.head_dim} must be dim / n_heads"
+    if why:
+        raise ValueError(f"model.qk_norm='full': cannot export to Hugging Face exactly: {why}")
+    return "olmoe"
+
+
+def _per_head_qk_norm_type(cfg: ModelConfig) -> str:
+    """QK-norm per head: Qwen3 (dense), Qwen3-MoE (softmax, no shared experts) or GLM-4-MoE (sigmoid)."""
+    moe = cfg.moe
+    if moe.num_experts == 0:
+        return "qwen3"
+    if moe.router == "sigmoid":
+        if moe.every_n_layers > 1:
+            raise ValueError(
+                f"model.moe.every_n_layers={moe.every_n_layers} with model.moe.router='sigmoid': cannot export "
+                "to Hugging Face exactly (GLM-4-MoE only places dense blocks first)"
+            )
+        return "glm4_moe"
+    if moe.num_shared_experts:
+        raise ValueError(
+            f"model.moe.num_shared_experts={moe.num_shared_experts} with model.qk_norm='head': cannot export to "
+            "Hugging Face exactly. Qwen3-MoE has no shared experts; GraniteMoeShared has no QK-norm"
+        )
+    return "qwen3_moe"
+
+
 def _check_exportable(cfg: ModelConfig) -> str:
     model_type = hf_model_type(cfg)
     if cfg.moe.num_experts and cfg.moe.capacity_factor is not None:
@@ -112,13 +164,15 @@ def hf_config(cfg: ModelConfig, model_type: str, *, dtype: torch.dtype = torch.f
         "hidden_size": cfg.dim,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_heads,
+        "num_key_value_heads": kv_heads(cfg),
+        "head_dim": head_dim(cfg),
         "hidden_act": "silu",
         "max_position_embeddings": cfg.seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_parameters": rope,
         "attention_dropout": 0.0,
-        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,
         "use_cache": True,
         "bos_token_id": None,  # byte-level vocabularies have no special tokens
@@ -127,8 +181,12 @@ def hf_config(cfg: ModelConfig, model_type: str, *, dtype: torch.dtype = torch.f
         "dtype": str(dtype).removeprefix("torch."),
     }
     top_k = moe.num_experts if moe.router == "soft" else moe.top_k
+    norm_topk_prob = moe.norm_topk and moe.router != "soft"
+    mlp_only_layers = [i for i in range(cfg.n_layers) if i % moe.every_n_layers != 0]
     if model_type == "llama":
-        out.update(intermediate_size=cfg.ffn_hidden, attention_bias=False, mlp_bias=False)
+        out.update(intermediate_size=cfg.ffn_hidden, mlp_bias=False)
+    elif model_type == "qwen3":
+        out.update(intermediate_size=cfg.ffn_hidden, use_sliding_window=False, sliding_window=None)
     elif model_type == "mixtral":
         out.update(
             intermediate_size=moe.expert_hidden,
@@ -144,25 +202,34 @@ def hf_config(cfg: ModelConfig, model_type: str, *, dtype: torch.dtype = torch.f
             shared_intermediate_size=moe.num_shared_experts * moe.expert_hidden,
             num_local_experts=moe.num_experts,
             num_experts_per_tok=top_k,
-            attention_bias=False,
             embedding_multiplier=1.0,
             residual_multiplier=1.0,
             logits_scaling=1.0,
-            attention_multiplier=(cfg.dim // cfg.n_heads) ** -0.5,
+            attention_multiplier=head_dim(cfg) ** -0.5,
             router_aux_loss_coef=moe.aux_loss_coef,
         )
-    elif model_type == "qwen2_moe":
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
         out.update(
             intermediate_size=cfg.ffn_hidden,
             moe_intermediate_size=moe.expert_hidden,
-            shared_expert_intermediate_size=0,
             num_experts=moe.num_experts,
             num_experts_per_tok=top_k,
-            norm_topk_prob=moe.norm_topk and moe.router != "soft",
+            norm_topk_prob=norm_topk_prob,
             decoder_sparse_step=1,
-            mlp_only_layers=[i for i in range(cfg.n_layers) if i % moe.every_n_layers != 0],
-            qkv_bias=False,
+            mlp_only_layers=mlp_only_layers,
             use_sliding_window=False,
+            sliding_window=None,
+            router_aux_loss_coef=moe.aux_loss_coef,
+        )
+        if model_type == "qwen2_moe":
+            out.update(shared_expert_intermediate_size=0, qkv_bias=False)
+    elif model_type == "olmoe":
+        out.update(
+            intermediate_size=moe.expert_hidden,
+            num_experts=moe.num_experts,
+            num_experts_per_tok=top_k,
+            norm_topk_prob=norm_topk_prob,
+            clip_qkv=None,
             router_aux_loss_coef=moe.aux_loss_coef,
         )
     elif model_type == "glm4_moe":
@@ -178,79 +245,162 @@ def hf_config(cfg: ModelConfig, model_type: str, *, dtype: torch.dtype = torch.f
             n_group=1,
             topk_group=1,
             first_k_dense_replace=0,
-            use_qk_norm=False,
-            attention_bias=False,
+            use_qk_norm=cfg.qk_norm == "head",
             num_nextn_predict_layers=0,
         )
     return out
 
 
-def hf_state_dict(
-    cfg: ModelConfig, state: dict[str, torch.Tensor], model_type: str
-) -> dict[str, torch.Tensor]:
-    """moe_dist global state dict → the tensors of ``model_type``'s files (names and layouts of save_pretrained)."""
-    moe = cfg.moe
-    out = {
-        "model.embed_tokens.weight": state["tok_embeddings.weight"],
-        "model.norm.weight": state["norm.weight"],
-        "lm_head.weight": state["output.weight"],
-    }
+@dataclass(frozen=True)
+class TensorMapping:
+    """One tensor of the Hugging Face files and where it lives in moe_dist's *global* state dict.
+
+    Export computes ``to_hf`` from our tensors; import fills our (possibly EP-sharded) parameters from the
+    Hugging Face tensor with ``load``. The same list drives both directions, so they cannot disagree.
+    """
+
+    hf: str  # tensor name in the Hugging Face files
+    ours: tuple[str, ...] = ()  # moe_dist state-dict keys; several are concatenated on dim 0
+    expert: int | None = None  # global expert id: one expert's slice of a stacked [E, ...] tensor
+    part: str = "all"  # of one expert's w_gate_up [D, 2F]: "gate" ([:, :F]) or "up" ([:, F:])
+    transpose: bool = False  # the last two dims swapped (moe_dist's [D, F] expert layout vs nn.Linear's)
+    scale: float = 1.0  # hf = ours * scale (the soft router's 1 / temperature)
+    const_shape: tuple[int, ...] | None = None  # a zero tensor with no moe_dist counterpart
+    keep_fp32: bool = False  # stays fp32 whatever the export dtype (GLM-4's e_score_correction_bias)
+
+    def to_hf(self, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The Hugging Face tensor from ``get(key)``, which returns a global moe_dist tensor."""
+        if self.const_shape is not None:
+            return torch.zeros(self.const_shape)
+        t = torch.cat([get(k) for k in self.ours]) if len(self.ours) > 1 else get(self.ours[0])
+        if self.expert is not None:
+            t = t[self.expert]
+        if self.part != "all":
+            F = t.shape[-1] // 2
+            t = t[..., :F] if self.part == "gate" else t[..., F:]
+        if self.transpose:
+            t = t.transpose(-2, -1)
+        return t * self.scale if self.scale != 1.0 else t
+
+    def load(
+        self, tensors: _SafetensorsDir, params: dict[str, torch.Tensor], offsets: dict[str, int]
+    ) -> None:
+        """Copies the Hugging Face tensor into our parameter(s); expert tensors only where this rank holds them.
+
+        ``offsets[key]`` is the global id of local expert 0 of a stacked expert tensor (absent: not stacked).
+        """
+        if self.const_shape is not None:
+            return
+        if len(self.ours) > 1:  # concatenated on dim 0: split back
+            src = tensors.get(self.hf)
+            for key, piece in zip(self.ours, src.split([params[k].shape[0] for k in self.ours])):
+                _copy(params[key], piece, self.hf)
+            return
+        key = self.ours[0]
+        dst = params[key]
+        if key in offsets:
+            first, num_local = offsets[key], dst.shape[0]
+            if self.expert is None:  # a stacked tensor of all experts: read this rank's rows only
+                src = tensors.get(self.hf, slice(first, first + num_local))
+            elif first <= self.expert < first + num_local:
+                dst, src = dst[self.expert - first], tensors.get(self.hf)
+            else:
+                return
+        else:
+            src = tensors.get(self.hf)
+        if self.transpose:
+            src = src.transpose(-2, -1)
+        if self.part != "all":
+            F = dst.shape[-1] // 2
+            dst = dst[..., :F] if self.part == "gate" else dst[..., F:]
+        _copy(dst, src / self.scale if self.scale != 1.0 else src, self.hf)
+
+
+# Names of the routed-expert projections per architecture (gate, up, down), and of the MoE block.
+_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
+_MOE_BLOCK = {"mixtral": "block_sparse_moe", "granitemoeshared": "block_sparse_moe"}
+
+
+def hf_tensor_mappings(
+    cfg: ModelConfig, model_type: str, *, fused_experts: bool = False
+) -> list[TensorMapping]:
+    """Every tensor of a ``model_type`` directory for this model, in file order.
+
+    ``fused_experts``: the MoE block as transformers 5 holds it in memory (``mlp.experts.gate_up_proj``
+    [E, 2F, D], ``mlp.experts.down_proj`` [E, D, F]) instead of the names ``save_pretrained`` writes.
+    """
+    moe, M = cfg.moe, TensorMapping
+    out = [M("model.embed_tokens.weight", ("tok_embeddings.weight",))]
     for i in range(cfg.n_layers):
         ours, hf = f"layers.{i}", f"model.layers.{i}"
-        out[f"{hf}.input_layernorm.weight"] = state[f"{ours}.attn_norm.weight"]
-        out[f"{hf}.post_attention_layernorm.weight"] = state[f"{ours}.ffn_norm.weight"]
-        for proj in "qkvo":
-            out[f"{hf}.self_attn.{proj}_proj.weight"] = state[f"{ours}.attn.w{proj}.weight"]
+        out += [
+            M(f"{hf}.input_layernorm.weight", (f"{ours}.attn_norm.weight",)),
+            *(M(f"{hf}.self_attn.{p}_proj.weight", (f"{ours}.attn.w{p}.weight",)) for p in "qkvo"),
+        ]
+        if cfg.qk_norm != "none":
+            out += [M(f"{hf}.self_attn.{p}_norm.weight", (f"{ours}.attn.{p}_norm.weight",)) for p in "qk"]
+        out.append(M(f"{hf}.post_attention_layernorm.weight", (f"{ours}.ffn_norm.weight",)))
         ffn = f"{ours}.ffn"
-        if f"{ffn}.w_gate.weight" in state:  # a dense block: llama / qwen2_moe's mlp_only_layers
-            for name in ("gate", "up", "down"):
-                out[f"{hf}.mlp.{name}_proj.weight"] = state[f"{ffn}.w_{name}.weight"]
+        if moe.num_experts == 0 or i % moe.every_n_layers != 0:  # a dense block
+            out += [M(f"{hf}.mlp.{n}_proj.weight", (f"{ffn}.w_{n}.weight",)) for n in ("gate", "up", "down")]
             continue
-        router_E_D = state[f"{ffn}.router.weight"]
-        if moe.router == "soft":  # softmax(logits / temperature) == softmax over logits of W / temperature
-            router_E_D = router_E_D / moe.temperature
-        w_gate_up_EDF2, w_down_EFD = state[f"{ffn}.experts.w_gate_up"], state[f"{ffn}.experts.w_down"]
-        F = w_down_EFD.shape[1]
-        gate_EFD = w_gate_up_EDF2[:, :, :F].transpose(1, 2)
-        up_EFD = w_gate_up_EDF2[:, :, F:].transpose(1, 2)
-        down_EDF = w_down_EFD.transpose(1, 2)
+        block = f"{hf}.{'mlp' if fused_experts else _MOE_BLOCK.get(model_type, 'mlp')}"
+        router_scale = 1 / moe.temperature if moe.router == "soft" else 1.0
+        w_gate_up, w_down = f"{ffn}.experts.w_gate_up", f"{ffn}.experts.w_down"
         if model_type == "granitemoeshared":
-            moe_prefix = f"{hf}.block_sparse_moe"
-            out[f"{moe_prefix}.router.layer.weight"] = router_E_D
-            out[f"{moe_prefix}.input_linear.weight"] = torch.cat([gate_EFD, up_EFD], dim=1)
-            out[f"{moe_prefix}.output_linear.weight"] = down_EDF
+            out += [
+                M(f"{block}.router.layer.weight", (f"{ffn}.router.weight",), scale=router_scale),
+                M(f"{block}.input_linear.weight", (w_gate_up,), transpose=True),
+                M(f"{block}.output_linear.weight", (w_down,), transpose=True),
+            ]
             if moe.num_shared_experts:
-                out[f"{hf}.shared_mlp.input_linear.weight"] = torch.cat(
-                    [state[f"{ffn}.shared_experts.w_gate.weight"], state[f"{ffn}.shared_experts.w_up.weight"]]
-                )
-                out[f"{hf}.shared_mlp.output_linear.weight"] = state[f"{ffn}.shared_experts.w_down.weight"]
+                shared = f"{ffn}.shared_experts"
+                out += [
+                    M(
+                        f"{hf}.shared_mlp.input_linear.weight",
+                        (f"{shared}.w_gate.weight", f"{shared}.w_up.weight"),
+                    ),
+                    M(f"{hf}.shared_mlp.output_linear.weight", (f"{shared}.w_down.weight",)),
+                ]
             continue
-        if model_type == "mixtral":
-            prefix, names = f"{hf}.block_sparse_moe", ("w1", "w3", "w2")
+        out.append(M(f"{block}.gate.weight", (f"{ffn}.router.weight",), scale=router_scale))
+        if fused_experts:
+            out += [
+                M(f"{block}.experts.gate_up_proj", (w_gate_up,), transpose=True),
+                M(f"{block}.experts.down_proj", (w_down,), transpose=True),
+            ]
         else:
-            prefix, names = f"{hf}.mlp", ("gate_proj", "up_proj", "down_proj")
-        out[f"{prefix}.gate.weight"] = router_E_D
-        for e in range(moe.num_experts):
-            for name, w in zip(names, (gate_EFD[e], up_EFD[e], down_EDF[e])):
-                out[f"{prefix}.experts.{e}.{name}.weight"] = w
+            gate, up, down = _EXPERT_NAMES.get(model_type, ("gate_proj", "up_proj", "down_proj"))
+            for e in range(moe.num_experts):
+                expert = f"{block}.experts.{e}"
+                out += [
+                    M(f"{expert}.{gate}.weight", (w_gate_up,), expert=e, part="gate", transpose=True),
+                    M(f"{expert}.{up}.weight", (w_gate_up,), expert=e, part="up", transpose=True),
+                    M(f"{expert}.{down}.weight", (w_down,), expert=e, transpose=True),
+                ]
+        D = cfg.dim
         if model_type == "qwen2_moe":  # width-0 shared expert: its gated output is exactly 0
-            D = cfg.dim
-            out[f"{prefix}.shared_expert.gate_proj.weight"] = router_E_D.new_zeros(0, D)
-            out[f"{prefix}.shared_expert.up_proj.weight"] = router_E_D.new_zeros(0, D)
-            out[f"{prefix}.shared_expert.down_proj.weight"] = router_E_D.new_zeros(D, 0)
-            out[f"{prefix}.shared_expert_gate.weight"] = router_E_D.new_zeros(1, D)
+            out += [
+                M(f"{block}.shared_expert.gate_proj.weight", const_shape=(0, D)),
+                M(f"{block}.shared_expert.up_proj.weight", const_shape=(0, D)),
+                M(f"{block}.shared_expert.down_proj.weight", const_shape=(D, 0)),
+                M(f"{block}.shared_expert_gate.weight", const_shape=(1, D)),
+            ]
         elif model_type == "glm4_moe":
-            out[f"{prefix}.gate.e_score_correction_bias"] = state[f"{ffn}.router.expert_bias"].float()
+            out.append(
+                M(f"{block}.gate.e_score_correction_bias", (f"{ffn}.router.expert_bias",), keep_fp32=True)
+            )
             width = moe.num_shared_experts * moe.expert_hidden
-            for name, shape in (
-                ("gate", (width, cfg.dim)),
-                ("up", (width, cfg.dim)),
-                ("down", (cfg.dim, width)),
-            ):
-                key = f"{ffn}.shared_experts.w_{name}.weight"
-                out[f"{prefix}.shared_experts.{name}_proj.weight"] = (
-                    state[key] if key in state else router_E_D.new_zeros(shape)
+            for name, shape in (("gate", (width, D)), ("up", (width, D)), ("down", (D, width))):
+                shared = f"{block}.shared_experts.{name}_proj.weight"
+                out.append(
+                    M(shared, (f"{ffn}.shared_experts.w_{name}.weight",))
+                    if width
+                    else M(shared, const_shape=shape)
                 )
+    out.append(M("model.norm.weight", ("norm.weight",)))
+    if not cfg.tie_embeddings:
+        out.append(M("lm_head.weight", ("output.weight",)))
     return out
 
 
@@ -263,8 +413,9 @@ def export_model(model: Transformer, out_dir: str | Path, *, dtype: torch.dtype 
             raise ValueError("export needs every expert in one process: load the model with a world-1 mesh")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     tensors = {
-        k: (v if k.endswith("e_score_correction_bias") else v.to(dtype)).contiguous()
-        for k, v in hf_state_dict(cfg, state, model_type).items()
+        m.hf: (t if m.keep_fp32 else t.to(dtype)).contiguous()
+        for m in hf_tensor_mappings(cfg, model_type)
+        for t in (m.to_hf(state.__getitem__),)
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -295,58 +446,125 @@ def _read_hf_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
-def model_config_from_hf(path: str | Path) -> dict:
-    """Overrides (``{"model.dim": 32, ...}``) that make a moe_dist model match a local Mixtral directory.
+IMPORTABLE = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "llama", "qwen3")
+_DEFAULT_ROPE_THETA = {"mixtral": 1e6}  # transformers' defaults when a config.json names none (else 1e4)
 
-    ``hydra_overrides`` gives the command-line form (``python -m moe_dist.hf overrides DIR`` prints it).
-    Raises ValueError for a non-Mixtral model or a Mixtral feature moe_dist lacks (grouped-query
-    attention, RoPE scaling, ...). model.seq_len is left to the run.
+
+def model_config_from_hf(path: str | Path) -> dict:
+    """Overrides (``{"model.dim": 32, ...}``) that make a moe_dist model match a local Hugging Face directory.
+
+    Reads Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE (without a shared expert), Llama and Qwen3 directories:
+    grouped-query attention, head_dim, QK-norm and tied embeddings included. ``hydra_overrides`` gives the
+    command-line form (``python -m moe_dist.hf overrides DIR`` prints it). Raises ValueError naming any
+    feature moe_dist does not compute (RoPE scaling, attention biases, QKV clipping, a gated shared expert,
+    ...). model.seq_len is left to the run.
     """
     p = _local_dir(path)
     hf = _read_hf_config(p)
     where = f"model.init_from={str(path)!r}"
-    if hf.get("model_type") != "mixtral":
-        raise ValueError(f"{where}: model_type {hf.get('model_type')!r} is not supported; only 'mixtral' is")
+    model_type = hf.get("model_type")
+    if model_type not in IMPORTABLE:
+        raise ValueError(
+            f"{where}: model_type {model_type!r} is not supported; importable: {', '.join(IMPORTABLE)}"
+        )
+
+    def refuse(feature: str) -> ValueError:
+        return ValueError(f"{where}: {feature} is not supported by moe_dist")
+
     heads, dim = hf["num_attention_heads"], hf["hidden_size"]
-    kv_heads = hf.get("num_key_value_heads") or heads
-    if kv_heads != heads:
-        raise ValueError(
-            f"{where}: num_key_value_heads={kv_heads} != num_attention_heads={heads}: grouped-query "
-            "attention is not supported (moe_dist attention has as many key/value heads as query heads)"
-        )
-    if hf.get("head_dim") not in (None, dim // heads):
-        raise ValueError(
-            f"{where}: head_dim={hf['head_dim']} != hidden_size / num_attention_heads is not supported"
-        )
+    kv = hf.get("num_key_value_heads") or heads
+    hdim = hf.get("head_dim") or dim // heads
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(
-            f"{where}: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU experts use silu)"
-        )
+        raise refuse(f"hidden_act={hf['hidden_act']!r} (SwiGLU uses silu)")
+    if hf.get("attention_bias") or hf.get("qkv_bias") or hf.get("mlp_bias"):
+        raise refuse("a bias in the attention or MLP projections")
+    if hf.get("clip_qkv") is not None:
+        raise refuse(f"clip_qkv={hf['clip_qkv']} (clamping of q, k and v)")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"{where}: RoPE scaling {rope_type!r} is not supported (only plain RoPE)")
-    rope_theta = rope.get("rope_theta", hf.get("rope_theta", 1e6))  # 1e6: transformers' Mixtral default
-    return {
+    if rope_type != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise refuse(
+            f"RoPE {rope_type!r} with partial_rotary_factor={rope.get('partial_rotary_factor', 1.0)}"
+        )
+    rope_theta = rope.get("rope_theta", hf.get("rope_theta", _DEFAULT_ROPE_THETA.get(model_type, 1e4)))
+    qk_norm = {"qwen3_moe": "head", "qwen3": "head", "olmoe": "full"}.get(model_type, "none")
+    out = {
         "model.vocab_size": hf["vocab_size"],
         "model.dim": dim,
         "model.n_layers": hf["num_hidden_layers"],
         "model.n_heads": heads,
+        "model.n_kv_heads": None if kv == heads else kv,
+        "model.head_dim": None if hdim * heads == dim else hdim,
+        "model.qk_norm": qk_norm,
+        "model.tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "model.rope_theta": float(rope_theta),
         "model.norm_eps": float(hf.get("rms_norm_eps", 1e-5)),
-        "model.moe.num_experts": hf["num_local_experts"],
-        "model.moe.top_k": hf["num_experts_per_tok"],
-        "model.moe.expert_hidden": hf["intermediate_size"],
-        "model.moe.router": "softmax",
-        "model.moe.norm_topk": True,
-        "model.moe.num_shared_experts": 0,
-        "model.moe.every_n_layers": 1,
     }
+    if model_type in ("llama", "qwen3"):
+        return {**out, "model.ffn_hidden": hf["intermediate_size"], "model.moe.num_experts": 0}
+    moe = {"model.moe.router": "softmax", "model.moe.num_shared_experts": 0}
+    # Released Qwen / OLMoE files say num_experts; transformers 5 writes its alias num_local_experts.
+    num_experts = hf.get("num_local_experts", hf.get("num_experts"))
+    if model_type == "mixtral":
+        moe.update(
+            {
+                "model.moe.num_experts": num_experts,
+                "model.moe.expert_hidden": hf["intermediate_size"],
+                "model.moe.norm_topk": True,
+                "model.moe.every_n_layers": 1,
+            }
+        )
+    elif model_type == "olmoe":
+        moe.update(
+            {
+                "model.moe.num_experts": num_experts,
+                "model.moe.expert_hidden": hf["intermediate_size"],
+                "model.moe.norm_topk": bool(hf.get("norm_topk_prob", False)),
+                "model.moe.every_n_layers": 1,
+            }
+        )
+    else:  # qwen2_moe, qwen3_moe
+        if hf.get("shared_expert_intermediate_size"):
+            raise refuse(
+                f"shared_expert_intermediate_size={hf['shared_expert_intermediate_size']} (a shared expert "
+                "behind a learned sigmoid gate; moe_dist's shared experts are ungated)"
+            )
+        every_n = _every_n_layers(hf, where)
+        moe.update(
+            {
+                "model.moe.num_experts": num_experts,
+                "model.moe.expert_hidden": hf["moe_intermediate_size"],
+                "model.moe.norm_topk": bool(hf.get("norm_topk_prob", False)),
+                "model.moe.every_n_layers": every_n,
+            }
+        )
+        if every_n > 1:
+            moe["model.ffn_hidden"] = hf["intermediate_size"]
+    moe["model.moe.top_k"] = hf["num_experts_per_tok"]
+    return {**out, **moe}
+
+
+def _every_n_layers(hf: dict, where: str) -> int:
+    """Qwen's MoE block placement (mlp_only_layers, decoder_sparse_step) as moe_dist's every_n_layers."""
+    n_layers, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step", 1)
+    dense = set(hf.get("mlp_only_layers") or [])
+    moe_layers = [i for i in range(n_layers) if i not in dense and (i + 1) % step == 0]
+    for n in range(1, n_layers + 1):
+        if moe_layers == list(range(0, n_layers, n)):
+            return n
+    raise ValueError(
+        f"{where}: MoE blocks at layers {moe_layers} (mlp_only_layers, decoder_sparse_step) are not supported; "
+        "moe_dist places them at every n-th layer starting with layer 0"
+    )
 
 
 def hydra_overrides(overrides: dict) -> str:
     """``{"model.dim": 32, "model.moe.norm_topk": True}`` → ``model.dim=32 model.moe.norm_topk=true``."""
-    return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items())
+
+    def value(v) -> str:
+        return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+    return " ".join(f"{k}={value(v)}" for k, v in overrides.items())
 
 
 class _SafetensorsDir:
@@ -374,6 +592,10 @@ class _SafetensorsDir:
 
 
 def _config_value(cfg: ModelConfig, dotted: str):
+    if dotted == "model.n_kv_heads":  # None and n_heads are the same model
+        return None if kv_heads(cfg) == cfg.n_heads else cfg.n_kv_heads
+    if dotted == "model.head_dim":
+        return None if head_dim(cfg) * cfg.n_heads == cfg.dim else cfg.head_dim
     value = cfg
     for part in dotted.split(".")[1:]:
         value = getattr(value, part)
@@ -386,9 +608,51 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     dst.copy_(src)
 
 
+class _ShardStaging:
+    """engine=fsdp: parameters are DTensor shards, which the mappings cannot fill piecewise. Each one is staged
+    on the host as the mappings need it (dense: the whole tensor; experts: this rank's experts, whole along the
+    other dims), and its shard copied in once the last mapping writing it has run, then freed: at most a few
+    whole tensors at a time, never the whole model."""
+
+    def __init__(
+        self, params: dict[str, torch.Tensor], offsets: dict[str, int], mappings: list[TensorMapping]
+    ):
+        self.params, self.offsets = params, offsets
+        self.sharded = {k: local_shard(v) for k, v in params.items() if isinstance(v, DTensor)}
+        self.pending = {k: sum(k in m.ours for m in mappings) for k in self.sharded}
+        self.staged: dict[str, torch.Tensor] = {}
+
+    def targets(self, mapping: TensorMapping) -> dict[str, torch.Tensor]:
+        out = {}
+        for key in mapping.ours:
+            if key not in self.sharded:
+                out[key] = self.params[key]
+                continue
+            if key not in self.staged:
+                local, _ = self.sharded[key]
+                shape = list(self.params[key].shape)
+                if key in self.offsets:  # stacked experts: only the rows of this rank's experts
+                    shape[0] = local.shape[0]
+                self.staged[key] = torch.empty(shape, dtype=local.dtype)
+            out[key] = self.staged[key]
+        return out
+
+    def done(self, mapping: TensorMapping) -> None:
+        for key in mapping.ours:
+            if key not in self.sharded:
+                continue
+            self.pending[key] -= 1
+            if self.pending[key] == 0:
+                local, offset = self.sharded[key]
+                if key in self.offsets:  # dim 0 already holds this rank's experts only
+                    offset = (0, *offset[1:])
+                staged = self.staged.pop(key)
+                local.copy_(staged[tuple(slice(o, o + n) for o, n in zip(offset, local.shape))])
+
+
 @torch.no_grad()
 def init_from_hf(model: Transformer, path: str | Path, mesh: Mesh) -> None:
-    """Loads a local Mixtral directory into a built (and possibly EP-sharded) moe_dist model, in place.
+    """Loads a local Hugging Face directory into a built (and possibly EP-sharded) moe_dist model, in place.
 
     Every rank reads the dense tensors and only its own experts [expert_offset, expert_offset + L). The
     moe_dist config must match the HF config (ValueError listing every difference). No download, ever.
@@ -401,7 +665,8 @@ def init_from_hf(model: Transformer, path: str | Path, mesh: Mesh) -> None:
         for key, value in wanted.items()
         if _config_value(cfg, key) != value
     ]
-    sliding_window = _read_hf_config(p).get("sliding_window")
+    hf = _read_hf_config(p)
+    sliding_window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
     if sliding_window is not None and sliding_window < cfg.seq_len:
         diffs.append(
             f"model.seq_len={cfg.seq_len} is longer than the model's sliding_window={sliding_window}"
@@ -412,61 +677,43 @@ def init_from_hf(model: Transformer, path: str | Path, mesh: Mesh) -> None:
             f"Matching overrides: {hydra_overrides(wanted)}"
         )
     tensors = _SafetensorsDir(p)
-    tied = _read_hf_config(p).get("tie_word_embeddings", False) and "lm_head.weight" not in tensors
-    _copy(model.tok_embeddings.weight, tensors.get("model.embed_tokens.weight"), "model.embed_tokens.weight")
-    _copy(model.norm.weight, tensors.get("model.norm.weight"), "model.norm.weight")
-    lm_head = "model.embed_tokens.weight" if tied else "lm_head.weight"
-    _copy(model.output.weight, tensors.get(lm_head), lm_head)
-    for i, block in enumerate(model.layers):
-        hf = f"model.layers.{i}"
-        for ours, key in (
-            (block.attn_norm.weight, f"{hf}.input_layernorm.weight"),
-            (block.ffn_norm.weight, f"{hf}.post_attention_layernorm.weight"),
-            (block.attn.wq.weight, f"{hf}.self_attn.q_proj.weight"),
-            (block.attn.wk.weight, f"{hf}.self_attn.k_proj.weight"),
-            (block.attn.wv.weight, f"{hf}.self_attn.v_proj.weight"),
-            (block.attn.wo.weight, f"{hf}.self_attn.o_proj.weight"),
-        ):
-            _copy(ours, tensors.get(key), key)
-        layer = block.ffn
-        assert isinstance(layer, MoELayer)
-        _load_mixtral_experts(layer, tensors, hf, mesh)
-
-
-def _load_mixtral_experts(layer: MoELayer, tensors: _SafetensorsDir, hf: str, mesh: Mesh) -> None:
-    experts = layer.experts
-    num_local, first = experts.num_local_experts, experts.expert_offset
-    assert num_local == layer.cfg.num_experts // mesh.ep, "the model is not sharded over this mesh"
-    # Files from save_pretrained / the Hub use block_sparse_moe.experts.{e}.w1/w3/w2 ([F, D], [F, D], [D, F]);
-    # transformers 5 in-memory names (mlp.experts.gate_up_proj [E, 2F, D], down_proj [E, D, F]) are read too.
-    prefix = f"{hf}.block_sparse_moe" if f"{hf}.block_sparse_moe.gate.weight" in tensors else f"{hf}.mlp"
-    _copy(layer.router.weight, tensors.get(f"{prefix}.gate.weight"), f"{prefix}.gate.weight")
-    layer.router.expert_bias.zero_()
-    if layer.router.noise_weight is not None:
-        layer.router.noise_weight.zero_()
-    F = experts.hidden
-    w_gate_up_LDF2, w_down_LFD = experts.w_gate_up, experts.w_down
-    fused = f"{prefix}.experts.gate_up_proj"
-    if fused in tensors:
-        rows = slice(first, first + num_local)
-        _copy(w_gate_up_LDF2, tensors.get(fused, rows).transpose(1, 2), fused)
-        _copy(
-            w_down_LFD,
-            tensors.get(f"{prefix}.experts.down_proj", rows).transpose(1, 2),
-            f"{prefix}.down_proj",
-        )
-        return
-    for local in range(num_local):
-        e = f"{prefix}.experts.{first + local}"
-        _copy(w_gate_up_LDF2[local, :, :F], tensors.get(f"{e}.w1.weight").t(), f"{e}.w1.weight")
-        _copy(w_gate_up_LDF2[local, :, F:], tensors.get(f"{e}.w3.weight").t(), f"{e}.w3.weight")
-        _copy(w_down_LFD[local], tensors.get(f"{e}.w2.weight").t(), f"{e}.w2.weight")
+    model_type = hf["model_type"]
+    mappings = hf_tensor_mappings(cfg, model_type)
+    if cfg.moe.num_experts and not all(m.hf in tensors for m in mappings if m.expert is not None):
+        # transformers 5 in-memory names (experts.gate_up_proj [E, 2F, D], experts.down_proj [E, D, F])
+        fused = hf_tensor_mappings(cfg, model_type, fused_experts=True)
+        if all(m.hf in tensors for m in fused if ".experts." in m.hf):
+            mappings = fused
+    params = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
+    offsets = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            for w in ("w_gate_up", "w_down"):
+                key = f"{name}.experts.{w}"
+                if isinstance(params[key], DTensor):  # engine=fsdp: the global [E, ...] tensor's shard
+                    offsets[key] = local_shard(params[key])[1][0]
+                else:
+                    assert module.experts.num_local_experts == module.cfg.num_experts // mesh.ep, (
+                        "not sharded by mesh"
+                    )
+                    offsets[key] = module.experts.expert_offset
+    covered = {key for m in mappings for key in m.ours}
+    missing = [k for k in params if k not in covered and not k.endswith(("expert_bias", "noise_weight"))]
+    assert not missing, f"no Hugging Face tensor maps to {missing}"
+    staging = _ShardStaging(params, offsets, mappings)
+    for mapping in mappings:
+        mapping.load(tensors, staging.targets(mapping), offsets)
+        staging.done(mapping)
+    for layer in model.moe_layers():
+        layer.router.expert_bias.zero_()
+        if layer.router.noise_weight is not None:
+            layer.router.noise_weight.zero_()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m moe_dist.hf",
-        description="Print the Hydra overrides matching a local Mixtral directory",
+        description="Print the Hydra overrides matching a local Hugging Face model directory",
     )
     parser.add_argument("command", choices=("overrides",))
     parser.add_argument("path")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -25,24 +24,26 @@ from moe_dist.checkpoint import (
     select_checkpoint,
     validate_resume,
 )
-from moe_dist.config import Config, validate
-from moe_dist.data import TokenSplits, load_tokens, rank_batch
+from moe_dist.config import Config, batch_layout, validate
+from moe_dist.data import Batch, TokenSplits, load_tokens, rank_batch
 from moe_dist.distributed import (
     broadcast_json,
     choose_device,
     collective_timeout_s,
     env_world_size,
     init_distributed,
-    to_device,
 )
 from moe_dist.engines import Engine, build_engine, validate_engine
 from moe_dist.guards import CollapseDetector, NonFiniteGuard, Watchdog
+from moe_dist.memory import peak_memory_bytes, peak_memory_source, reset_peak_memory
 from moe_dist.metrics import MetricsLogger, truncate_metrics
-from moe_dist.model.build import build_model
+from moe_dist.model.build import build_model, validate_init_from
+from moe_dist.model.loss import IGNORE_INDEX
 from moe_dist.model.transformer import Transformer, count_parameters
 from moe_dist.moe.layer import MoELayer
 from moe_dist.optim import lr_at
 from moe_dist.parallel.mesh import Mesh, build_mesh
+from moe_dist.precision import autocast, resolve_precision
 
 EVAL_SEED_OFFSET = 7_919  # eval batches come from (seed + offset, i): never the training draws
 
@@ -87,11 +88,13 @@ def run_device(cfg: Config) -> tuple[str, str]:
 
 def validate_run(cfg: Config, *, world_size: int) -> None:
     """Every check of a run config, before any collective or file write: the schema (config.py), the device
-    and backend on this machine, the chosen engine's own config, and the checkpoint to resume from."""
+    and backend on this machine, the chosen engine's own config, the checkpoint to resume from and the
+    weights to start from."""
     validate(cfg, world_size=world_size)
     run_device(cfg)
-    validate_engine(cfg.engine, cfg.trainer, world_size=world_size)
+    validate_engine(cfg.engine, cfg.trainer, world_size=world_size, model=cfg.model, ep=cfg.parallel.ep)
     validate_resume(cfg.trainer.resume)
+    validate_init_from(cfg)
 
 
 class StepStats:
@@ -122,6 +125,8 @@ class StepStats:
         self.scalars[5].add_(1)
         for i, m in enumerate(layers):
             self.counts[i] += m.stats.counts_E
+            # Activation checkpointing recomputes the router in backward, with grad: drop that graph.
+            m.stats.aux_loss, m.stats.z_loss = m.stats.aux_loss.detach(), m.stats.z_loss.detach()
         self.exchange_rounds = max([self.exchange_rounds] + [m.stats.exchange_rounds for m in layers])
 
     def all_reduce(self, mesh: Mesh) -> None:
@@ -143,9 +148,10 @@ class StepStats:
         }
 
 
-def lm_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = model(inputs)
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+def lm_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, **batch_extras) -> torch.Tensor:
+    """Mean next-token cross-entropy (chunked over the vocabulary inside the model: no full logits; summed in
+    the accumulation dtype: fp32 under bf16, fp64 in fp64 mode)."""
+    return model(inputs, targets_BS=targets, **batch_extras)
 
 
 @dataclass
@@ -160,6 +166,7 @@ class Run:
     engine: Engine
     autocast: AbstractContextManager
     accum_steps: int  # micro-batches per rank per optimizer step
+    micro_batch_size: int  # sequences per rank per micro-step
     stats: StepStats
     nonfinite: NonFiniteGuard
     collapse: CollapseDetector
@@ -177,7 +184,13 @@ def build_run(cfg: Config) -> Run:
     data = load_tokens(cfg.data, vocab_size=mcfg.vocab_size, seq_len=mcfg.seq_len)
     device_type, backend = run_device(cfg)
     timeout_s = collective_timeout_s(backend, cfg.parallel.timeout_s)
-    device = init_distributed(device_type=device_type, backend=backend, timeout_s=timeout_s)
+    # FSDP2 shards over a DeviceMesh, which needs a process group also at world 1.
+    device = init_distributed(
+        device_type=device_type,
+        backend=backend,
+        timeout_s=timeout_s,
+        single_rank_group=cfg.engine.name == "fsdp",
+    )
     mesh = build_mesh(ep=cfg.parallel.ep, num_experts=mcfg.moe.num_experts)
     model = build_model(cfg, mesh, device)
     return assemble_run(cfg, mesh=mesh, device=device, data=data, model=model, timeout_s=timeout_s)
@@ -200,6 +213,8 @@ def assemble_run(
     # After the engine: DeepSpeed starts a process group of its own in a world of 1.
     ckpt_group = checkpoint_group(timeout_s=timeout_s) if checkpoints else None
     moe_names = [name for name, m in model.named_modules() if isinstance(m, MoELayer)]
+    micro_batch_size, accum_steps = batch_layout(t, world_size=mesh.world_size)
+    precision = resolve_precision(t.precision, device)
     return Run(
         cfg=cfg,
         mesh=mesh,
@@ -207,8 +222,10 @@ def assemble_run(
         data=data,
         model=model,
         engine=engine,
-        autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
-        accum_steps=t.global_batch_size // (mesh.world_size * t.micro_batch_size),
+        # bf16 under fsdp: FSDP2's MixedPrecisionPolicy gathers bf16 parameters, no autocast (model/build.py).
+        autocast=autocast(precision if cfg.engine.name != "fsdp" else "fp32", device),
+        accum_steps=accum_steps,
+        micro_batch_size=micro_batch_size,
         stats=StepStats(model, device),
         nonfinite=NonFiniteGuard(t.max_nonfinite_skips),
         collapse=CollapseDetector(
@@ -232,24 +249,15 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
     with phase("data"):
         engine.set_lr(lr_at(step, t))
         torch.manual_seed(step_seed(t.seed, step, run.mesh.rank))
-        inputs, targets = rank_batch(
-            run.data.train,
-            seed=t.seed,
-            step=step,
-            global_batch_size=t.global_batch_size,
-            seq_len=run.cfg.model.seq_len,
-            rank=run.mesh.rank,
-            world_size=run.mesh.world_size,
-        )
     for i in range(run.accum_steps):
         with phase("data"):
-            rows = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
-            micro_inputs, micro_targets = (
-                to_device(inputs[rows], run.device),
-                to_device(targets[rows], run.device),
-            )
+            micro = micro_batch(run, step, i)
         with phase("forward"), run.autocast:
-            ce = lm_loss(model, micro_inputs, micro_targets)
+            ce = lm_loss(model, micro.inputs, micro.targets, **micro.model_kwargs())
+            if micro.global_targets != t.global_batch_size * run.cfg.model.seq_len:
+                ce = ce * token_share(
+                    micro, num_micro_batches=run.mesh.world_size * run.accum_steps, dtype=ce.dtype
+                )
             loss = (ce + model.moe_loss()) / run.accum_steps
         with phase("backward"):
             engine.backward(loss, last_micro_batch=i == run.accum_steps - 1)
@@ -273,15 +281,50 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
     return StepResult(grad_norm, skip_message)
 
 
+def micro_batch(run: Run, step: int, i: int) -> Batch:
+    """This rank's rows of micro-step ``i`` of ``step``, on the device.
+
+    Micro-step i is the slice [i·G/A, (i+1)·G/A) of the global batch (G sequences, A micro-steps), split
+    evenly over the W ranks: rank r reads the slice of a "rank" i·W + r among W·A. So with the same A every
+    micro-step holds the same sequences at any world size (what the micro_step aux-loss scope sees).
+    """
+    t, mesh = run.cfg.trainer, run.mesh
+    batch = rank_batch(
+        run.data.train,
+        seed=t.seed,
+        step=step,
+        global_batch_size=t.global_batch_size,
+        seq_len=run.cfg.model.seq_len,
+        rank=i * mesh.world_size + mesh.rank,
+        world_size=mesh.world_size * run.accum_steps,
+        document_mask=run.cfg.data.document_mask,
+    )
+    return batch.rows(slice(None), run.device)
+
+
+def token_share(micro: Batch, *, num_micro_batches: int, dtype: torch.dtype) -> torch.Tensor:
+    """The factor that turns a micro-batch's mean over its trained targets (SFT loss masks) into its share of
+    the mean over all trained targets of the global batch: its target count over the count it would have if
+    the global batch's ``global_targets`` were spread evenly over the ``num_micro_batches`` (= W x A).
+
+    The step's loss, the mean over ranks and micro-steps of the weighted means, is then the token mean of the
+    global batch at any world size and accumulation split. 0 when the global batch trains no target. In the
+    loss's dtype (an integer count over a float is float32: fp64 mode would lose the split invariance).
+    """
+    even = micro.global_targets / num_micro_batches
+    return (micro.targets != IGNORE_INDEX).sum().to(dtype) / max(even, 1e-9)
+
+
 @torch.no_grad()
 def evaluate(run: Run) -> float:
-    """Mean validation loss over trainer.eval_batches global batches (the same batches at any world size)."""
+    """Mean validation loss per target token over trainer.eval_batches global batches (the same batches at
+    any world size)."""
     cfg, mesh, model = run.cfg, run.mesh, run.model
     t = cfg.trainer
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=run.device)
     for i in range(t.eval_batches):
-        inputs, targets = rank_batch(
+        batch = rank_batch(
             run.data.val,
             seed=t.seed + EVAL_SEED_OFFSET,
             step=i,
@@ -289,11 +332,14 @@ def evaluate(run: Run) -> float:
             seq_len=cfg.model.seq_len,
             rank=mesh.rank,
             world_size=mesh.world_size,
+            document_mask=cfg.data.document_mask,
         )
-        for mb_in, mb_tg in zip(inputs.split(t.micro_batch_size), targets.split(t.micro_batch_size)):
+        for start in range(0, len(batch.inputs), run.micro_batch_size):
+            micro = batch.rows(slice(start, start + run.micro_batch_size), run.device)
             with run.autocast:
-                loss = lm_loss(model, mb_in.to(run.device), mb_tg.to(run.device))
-            total += torch.stack([loss.double(), total.new_ones(())])
+                loss = lm_loss(model, micro.inputs, micro.targets, **micro.model_kwargs())
+            num_targets = (micro.targets != IGNORE_INDEX).sum().double()
+            total += torch.stack([loss.double() * num_targets, num_targets])
     if mesh.world_group is not None:
         dist.all_reduce(total, group=mesh.world_group)
     model.train()
@@ -303,7 +349,9 @@ def evaluate(run: Run) -> float:
 def training_state(run: Run) -> dict:
     """What a checkpoint holds, in the global layout, aliasing the live state: the model's buffers and the
     engine's fp32 masters and AdamW slots (only the pieces this rank holds)."""
-    return model_state(run.model, run.mesh) | run.engine.checkpoint_state()
+    # The engine first: fsdp reshards its units there, and model_state must alias the sharded parameters.
+    engine_state = run.engine.checkpoint_state()
+    return model_state(run.model, run.mesh) | engine_state
 
 
 def _checkpoint_meta(run: Run) -> dict:
@@ -333,6 +381,7 @@ class Cadence:
         self.last_step = t.stop_at_step or t.max_steps
         self.tokens_per_step = t.global_batch_size * run.cfg.model.seq_len
         self.window_start, self.window_steps, self.last_load = time.perf_counter(), 0, []
+        reset_peak_memory(run.device)
         self.bar = tqdm(
             total=t.max_steps,
             initial=start_step,
@@ -404,18 +453,32 @@ class Cadence:
             * self.window_steps
             / (time.perf_counter() - self.window_start),
             "skipped_steps": run.nonfinite.skipped,
+            **self.peak_memory(),
         }
         self.logger.log(record)
         self.logger.console(
             f"step {step:>6} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
             f"grad_norm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:,.0f} | "
             f"aux {record['aux_loss']:.4f} | dropped {record['dropped_frac']:.3f} | "
-            f"max load {max((max(r) for r in record['expert_load']), default=0):.3f}"
+            f"max load {max((max(r) for r in record['expert_load']), default=0):.3f} | "
+            f"peak mem {max(record['peak_memory_mib']):,.0f} MiB"
         )
         for warning in run.collapse.new_warnings():
             self.logger.console(warning)
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.last_load = record["expert_load"]
+        reset_peak_memory(run.device)
+
+    def peak_memory(self) -> dict:
+        """Every rank's peak memory of this log window (collective: an all-gather of one number per rank)."""
+        run = self.run
+        peak = torch.tensor([peak_memory_bytes(run.device) / 2**20], dtype=torch.float64, device=run.device)
+        if run.mesh.world_group is not None:
+            gathered = peak.new_empty(run.mesh.world_size)
+            all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            all_gather(gathered, peak, group=run.mesh.world_group)
+            peak = gathered
+        return {"peak_memory_mib": peak.tolist(), "peak_memory_source": peak_memory_source(run.device)}
 
     def close(self, step: int) -> None:
         with self.watchdog.phase(step, "waiting for the background checkpoint save to complete"):

@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 from bench_common import Floor, PhaseClock, linear_gemm_floor, source_version, timed
 
-from moe_dist.config import Config
+from moe_dist.config import Config, batch_layout
 from moe_dist.distributed import env_world_size
-from moe_dist.model.transformer import Transformer, count_parameters
+from moe_dist.model.transformer import Transformer, count_parameters, head_dim, kv_heads
 from moe_dist.parallel.mesh import Mesh
 from moe_dist.trainer import STEP_PHASES, build_run, train_step
 
@@ -59,8 +59,10 @@ def compose_config(overrides: list[str], *, world: int) -> Config:
 
 def model_flops_per_token(model: Transformer) -> float:
     cfg = model.cfg
-    active = count_parameters(model)["active"] - model.tok_embeddings.weight.numel()
-    return 6 * active + 6 * cfg.n_layers * cfg.dim * cfg.seq_len
+    # The embedding lookup is no matmul; a tied embedding still is the head's.
+    lookup = model.tok_embeddings.weight.numel() if model.output is not None else 0
+    active = count_parameters(model)["active"] - lookup
+    return 6 * active + 6 * cfg.n_layers * cfg.n_heads * head_dim(cfg) * cfg.seq_len
 
 
 def gemm_floors(cfg: Config, mesh: Mesh, device: torch.device) -> dict[str, Floor]:
@@ -68,10 +70,11 @@ def gemm_floors(cfg: Config, mesh: Mesh, device: torch.device) -> dict[str, Floo
     products, experts at their uniform-routing row counts), and one 1024³ GEMM."""
     m, moe = cfg.model, cfg.model.moe
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    M = cfg.trainer.micro_batch_size * m.seq_len
+    M = batch_layout(cfg.trainer, world_size=mesh.world_size)[0] * m.seq_len  # rows of one micro-batch
     shapes: list[tuple[int, int, int]] = []  # (rows, in, out)
     for i in range(m.n_layers):
-        shapes += [(M, m.dim, m.dim)] * 4  # q, k, v, o
+        q_dim, kv_dim = m.n_heads * head_dim(m), kv_heads(m) * head_dim(m)
+        shapes += [(M, m.dim, q_dim), (M, m.dim, kv_dim), (M, m.dim, kv_dim), (M, q_dim, m.dim)]  # q, k, v, o
         if moe.num_experts > 0 and i % moe.every_n_layers == 0:
             shapes.append((M, m.dim, moe.num_experts))  # router
             rows = M * moe.top_k // moe.num_experts * mesh.ep  # per local expert, uniform routing

@@ -21,6 +21,14 @@ def stdlib() -> TokenSplits:
     return load_tokens(DataConfig(name="stdlib"), vocab_size=256, seq_len=128)
 
 
+def xy(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch.inputs, batch.targets
+
+
+def as_bytes(stream) -> bytes:
+    return stream.read(0, stream.num_tokens).astype(np.uint8).tobytes()
+
+
 def arange_stream(n: int = 1000) -> torch.Tensor:
     # token i == i, so each row's start offset can be read off its first input
     return torch.arange(n, dtype=torch.int32)
@@ -31,11 +39,11 @@ def arange_stream(n: int = 1000) -> torch.Tensor:
 
 def test_same_seed_and_step_give_same_batch():
     tokens = torch.randint(0, 256, (5000,), dtype=torch.int64, generator=torch.Generator().manual_seed(0))
-    x1, y1 = global_batch(tokens, seed=7, step=3, batch_size=8, seq_len=SEQ)
-    x2, y2 = global_batch(tokens, seed=7, step=3, batch_size=8, seq_len=SEQ)
+    x1, y1 = xy(global_batch(tokens, seed=7, step=3, batch_size=8, seq_len=SEQ))
+    x2, y2 = xy(global_batch(tokens, seed=7, step=3, batch_size=8, seq_len=SEQ))
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    x3, _ = global_batch(tokens, seed=7, step=4, batch_size=8, seq_len=SEQ)
-    x4, _ = global_batch(tokens, seed=8, step=3, batch_size=8, seq_len=SEQ)
+    x3, _ = xy(global_batch(tokens, seed=7, step=4, batch_size=8, seq_len=SEQ))
+    x4, _ = xy(global_batch(tokens, seed=8, step=3, batch_size=8, seq_len=SEQ))
     assert not torch.equal(x1, x3)
     assert not torch.equal(x1, x4)
 
@@ -50,13 +58,13 @@ def test_global_rng_untouched():
 
 def test_targets_are_inputs_shifted_by_one():
     stream = torch.randint(0, 50_000, (3000,), generator=torch.Generator().manual_seed(1)).to(torch.int32)
-    x, y = global_batch(stream, seed=0, step=5, batch_size=32, seq_len=SEQ)
+    x, y = xy(global_batch(stream, seed=0, step=5, batch_size=32, seq_len=SEQ))
     assert x.shape == y.shape == (32, SEQ)
     assert x.dtype == y.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
     # Every row is a window of the stream: find it by its offset and compare both tensors to it.
     idx = arange_stream(3000)
-    xi, _ = global_batch(idx, seed=0, step=5, batch_size=32, seq_len=SEQ)
+    xi, _ = xy(global_batch(idx, seed=0, step=5, batch_size=32, seq_len=SEQ))
     for row in range(32):
         o = int(xi[row, 0])
         assert torch.equal(x[row], stream[o : o + SEQ].long())
@@ -65,7 +73,7 @@ def test_targets_are_inputs_shifted_by_one():
 
 def test_offsets_cover_the_whole_valid_range():
     n = SEQ + 3  # valid starts: 0, 1, 2
-    x, y = global_batch(arange_stream(n), seed=0, step=0, batch_size=200, seq_len=SEQ)
+    x, y = xy(global_batch(arange_stream(n), seed=0, step=0, batch_size=200, seq_len=SEQ))
     assert set(x[:, 0].tolist()) == {0, 1, 2}
     assert int(y.max()) == n - 1
 
@@ -73,9 +81,13 @@ def test_offsets_cover_the_whole_valid_range():
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_rank_slices_concatenate_to_global_batch(world_size):
     tokens = arange_stream(10_000)
-    gx, gy = global_batch(tokens, seed=11, step=42, batch_size=8, seq_len=SEQ)
+    gx, gy = xy(global_batch(tokens, seed=11, step=42, batch_size=8, seq_len=SEQ))
     parts = [
-        rank_batch(tokens, seed=11, step=42, global_batch_size=8, seq_len=SEQ, rank=r, world_size=world_size)
+        xy(
+            rank_batch(
+                tokens, seed=11, step=42, global_batch_size=8, seq_len=SEQ, rank=r, world_size=world_size
+            )
+        )
         for r in range(world_size)
     ]
     assert all(p[0].shape == (8 // world_size, SEQ) for p in parts)
@@ -97,11 +109,10 @@ def test_too_short_stream_rejected():
 
 
 def test_stdlib_loads_bytes_and_size(stdlib):
-    assert stdlib.train.dtype == stdlib.val.dtype == torch.uint8
-    assert stdlib.train.dim() == stdlib.val.dim() == 1
-    total = stdlib.train.numel() + stdlib.val.numel()
+    assert all(seg.tokens.dtype == np.uint8 for seg in stdlib.train.segments + stdlib.val.segments)
+    total = stdlib.train.num_tokens + stdlib.val.num_tokens
     assert 2_000_000 < total < 40_000_000
-    assert 0 < stdlib.val.numel() < stdlib.train.numel()
+    assert 0 < stdlib.val.num_tokens < stdlib.train.num_tokens
     assert stdlib.description.startswith("stdlib: ")
 
 
@@ -109,8 +120,8 @@ def test_stdlib_contains_os_py_in_its_split(stdlib):
     os_py = (Path(sysconfig.get_paths()["stdlib"]) / "os.py").read_bytes()
     in_val = zlib.crc32(b"os.py") % 10_000 < 0.05 * 10_000
     home, other = (stdlib.val, stdlib.train) if in_val else (stdlib.train, stdlib.val)
-    assert os_py in home.numpy().tobytes()
-    assert os_py not in other.numpy().tobytes()
+    assert os_py in as_bytes(home)
+    assert os_py not in as_bytes(other)
 
 
 def test_stdlib_excludes_test_trees(stdlib):
@@ -118,13 +129,13 @@ def test_stdlib_excludes_test_trees(stdlib):
     excluded = root / "test" / "test_grammar.py"
     if not excluded.is_file():
         pytest.skip(f"{excluded} is not installed here")
-    text = stdlib.train.numpy().tobytes() + stdlib.val.numpy().tobytes()
+    text = as_bytes(stdlib.train) + as_bytes(stdlib.val)
     assert excluded.read_bytes() not in text
 
 
 def test_stdlib_split_is_disjoint_by_file(stdlib):
     root = Path(sysconfig.get_paths()["stdlib"])
-    train, val = stdlib.train.numpy().tobytes(), stdlib.val.numpy().tobytes()
+    train, val = as_bytes(stdlib.train), as_bytes(stdlib.val)
     for rel in ("os.py", "json/decoder.py", "collections/__init__.py", "argparse.py", "typing.py"):
         body = (root / rel).read_bytes()
         assert (body in train) != (body in val), rel
@@ -170,17 +181,16 @@ def test_text_from_single_file_splits_by_position(tmp_path):
         DataConfig(name="text", path=str(tmp_path / "one.txt"), val_fraction=0.25), vocab_size=256, seq_len=8
     )
     n_val = len(body) // 4 + (len(body) % 4 > 0)
-    assert s.val.numpy().tobytes() == body[-n_val:]
-    assert s.train.numpy().tobytes() == body[:-n_val]
+    assert as_bytes(s.val) == body[-n_val:]
+    assert as_bytes(s.train) == body[:-n_val]
 
 
 def test_text_from_directory_splits_by_file(tmp_path):
     files = write_files(tmp_path)
     s = load_tokens(DataConfig(name="text", path=str(tmp_path), val_fraction=0.3), vocab_size=256, seq_len=8)
     train, val = expected_split(files, 0.3)
-    assert s.train.numpy().tobytes() == train
-    assert s.val.numpy().tobytes() == val
-    assert s.train.dtype == torch.uint8
+    assert as_bytes(s.train) == train
+    assert as_bytes(s.val) == val
 
 
 def test_text_from_glob_matches_directory(tmp_path):
@@ -192,8 +202,8 @@ def test_text_from_glob_matches_directory(tmp_path):
         seq_len=8,
     )
     train, val = expected_split(files, 0.3)
-    assert s.train.numpy().tobytes() == train
-    assert s.val.numpy().tobytes() == val
+    assert as_bytes(s.train) == train
+    assert as_bytes(s.val) == val
     assert "40 files" in s.description
 
 
@@ -235,11 +245,11 @@ def test_token_file_round_trip(tmp_path):
     s = load_tokens(
         DataConfig(name="tokens", path=str(path), val_fraction=0.1), vocab_size=50_000, seq_len=32
     )
-    assert s.train.numel() == 9_000 and s.val.numel() == 1_000
-    assert np.array_equal(s.train.numpy(), ids[:9_000])
-    assert np.array_equal(s.val.numpy(), ids[9_000:])
+    assert s.train.num_tokens == 9_000 and s.val.num_tokens == 1_000
+    assert np.array_equal(s.train.read(0, 9_000), ids[:9_000])
+    assert np.array_equal(s.val.read(0, 1_000), ids[9_000:])
     assert "max id 49999" in s.description
-    x, y = global_batch(s.train, seed=3, step=1, batch_size=4, seq_len=32)
+    x, y = xy(global_batch(s.train, seed=3, step=1, batch_size=4, seq_len=32))
     assert x.dtype == torch.int64
     assert int(x.max()) < 50_000
     assert torch.equal(x[:, 1:], y[:, :-1])

@@ -100,8 +100,8 @@ def tiny_mixtral(path: Path, *, seed: int = 0, **config) -> None:
     model.save_pretrained(path)
 
 
-def random_model(moe: dict, *, seed: int = 0) -> Transformer:
-    cfg = ModelConfig(dim=32, n_layers=3, n_heads=2, seq_len=32, ffn_hidden=48)
+def random_model(moe: dict, *, seed: int = 0, **options) -> Transformer:
+    cfg = ModelConfig(**{"dim": 32, "n_layers": 3, "n_heads": 2, "seq_len": 32, "ffn_hidden": 48, **options})
     cfg.moe = MoEConfig(**{"num_experts": 4, "top_k": 2, "expert_hidden": 32, **moe})
     model = Transformer(cfg)
     model.init_weights(seed)
@@ -143,13 +143,53 @@ def world2_jobs(rank: int, world_size: int, root: str, mixtral_dir: str) -> dict
     init_from_hf(imported, mixtral_dir, mesh)
     with torch.no_grad():
         logits = imported.eval()(tokens(seed=rank))
-    return {"logits": logits, "experts": imported.layers[0].ffn.experts.w_down.detach().clone()}
+    experts = imported.layers[0].ffn.experts.w_down.detach().clone()
+
+    # A Qwen3-MoE directory (GQA, head_dim != hidden / heads, QK-norm, a dense block) at world 2 / ep 2.
+    qwen3 = f"{root}/qwen3_moe"
+    imported = parallelize_moe(Transformer(with_overrides(model_config_from_hf(qwen3))), mesh)
+    init_from_hf(imported, qwen3, mesh)
+    with torch.no_grad():
+        qwen3_logits = imported.eval()(tokens(seed=rank))
+    # engine=fsdp: the same directories into FSDP2 shards (experts split by EP at ep 2, by FSDP over edp 2 at
+    # ep 1, and along the model dim for three experts over edp 2).
+    fsdp = {
+        name: fsdp_import(path, ep=ep, rank=rank)
+        for name, path, ep in (
+            ("qwen3_moe_ep2", qwen3, 2),
+            ("qwen3_moe_ep1", qwen3, 1),
+            ("mixtral_3_experts_ep1", f"{root}/mixtral_3", 1),
+        )
+    }
+    return {
+        "logits": logits,
+        "experts": experts,
+        "qwen3_logits": qwen3_logits,
+        "fsdp": fsdp,
+    }
+
+
+def fsdp_import(path: str, *, ep: int, rank: int) -> dict:
+    from moe_dist.config import Config, EngineConfig, ParallelConfig
+    from moe_dist.model.build import build_model
+    from moe_dist.parallel.mesh import build_mesh
+
+    model_cfg = with_overrides({**model_config_from_hf(path), "model.init_from": path})
+    cfg = Config(model=model_cfg, engine=EngineConfig(name="fsdp"), parallel=ParallelConfig(ep=ep))
+    model = build_model(cfg, build_mesh(ep=ep, num_experts=model_cfg.moe.num_experts), torch.device("cpu"))
+    shard_dims = {p.dim for n, t in model.named_parameters() if ".experts." in n for p in t.placements}
+    params = {n: t.full_tensor() for n, t in model.named_parameters()}
+    with torch.no_grad():
+        logits = model.eval()(tokens(seed=rank))
+    return {"params": params if rank == 0 else None, "logits": logits, "expert_shard_dims": shard_dims}
 
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("hf_world2")
     tiny_mixtral(root / "mixtral")
+    tiny_released(root / "qwen3_moe", "qwen3_moe")
+    tiny_mixtral(root / "mixtral_3", num_local_experts=3)
     results = spawn_ranks(2, world2_jobs, str(root), str(root / "mixtral"))
     return {"root": root, "results": results}
 
@@ -174,16 +214,35 @@ def test_export_of_an_ep2_checkpoint_equals_the_same_weights_at_ep1(world2, tmp_
 
 
 def test_import_at_ep2_matches_transformers(world2):
-    mixtral = world2["root"] / "mixtral"
+    mixtral, qwen3 = world2["root"] / "mixtral", world2["root"] / "qwen3_moe"
     for rank, result in enumerate(world2["results"]):
         reference = logits_of_hf(mixtral, tokens(seed=rank))
         assert (result["logits"] - reference).abs().max() < TOL
+        assert (result["qwen3_logits"] - logits_of_hf(qwen3, tokens(seed=rank))).abs().max() < TOL
     # Each rank holds its own two experts of layer 0: w2 of expert e is w_down[e].T.
     with safe_open(mixtral / "model.safetensors", "pt") as f:
         for rank, result in enumerate(world2["results"]):
             for local in range(2):
                 w2 = f.get_tensor(f"model.layers.0.block_sparse_moe.experts.{2 * rank + local}.w2.weight")
                 assert torch.equal(result["experts"][local], w2.t())
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe_ep2", "qwen3_moe_ep1", "mixtral_3_experts_ep1"])
+def test_import_into_fsdp_shards_equals_the_single_process_import(world2, case):
+    """Every parameter gathered from the FSDP2 shards equals a one-process import bitwise; both ranks' logits
+    equal transformers'."""
+    path = world2["root"] / case.rsplit("_ep", 1)[0].replace("_3_experts", "_3")
+    reference = Transformer(with_overrides(model_config_from_hf(path)))
+    init_from_hf(reference, path, single_process_mesh())
+    results = [r["fsdp"][case] for r in world2["results"]]
+    got = results[0]["params"]
+    assert got.keys() == dict(reference.named_parameters()).keys()
+    for name, p in reference.named_parameters():
+        assert torch.equal(got[name], p.detach()), name
+    for rank, result in enumerate(results):
+        assert (result["logits"] - logits_of_hf(path, tokens(seed=rank))).abs().max() < TOL
+    # Three experts cannot split over edp 2: FSDP splits the model dim.
+    assert results[0]["expert_shard_dims"] == ({1} if case == "mixtral_3_experts_ep1" else {0})
 
 
 # --------------------------------------------------------------------------------------------- world 1
@@ -333,9 +392,28 @@ def test_import_errors(tmp_path):
     with pytest.raises(ValueError, match="not a local directory; hub downloads are never attempted"):
         init_from_hf(Transformer(ModelConfig()), "mistralai/Mixtral-8x7B-v0.1", single_process_mesh())
 
-    tiny_mixtral(tmp_path / "gqa", num_key_value_heads=1)
-    with pytest.raises(ValueError, match="num_key_value_heads=1 != num_attention_heads=2: grouped-query"):
-        model_config_from_hf(tmp_path / "gqa")
+    for name, config, message in (
+        ("clip", {"model_type": "olmoe", "clip_qkv": 8.0}, "clip_qkv=8.0 .* is not supported by moe_dist"),
+        ("rope", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "RoPE 'yarn'"),
+        ("bias", {"model_type": "qwen2_moe", "qkv_bias": True}, "a bias in the attention"),
+        ("shared", {"model_type": "qwen2_moe", "shared_expert_intermediate_size": 64}, "sigmoid gate"),
+        ("deepseek", {"model_type": "deepseek_v3"}, "model_type 'deepseek_v3' is not supported; importable"),
+        ("sparse", {"model_type": "qwen3_moe", "decoder_sparse_step": 2}, r"MoE blocks at layers \[1\]"),
+    ):
+        (tmp_path / name).mkdir()
+        base = {
+            "model_type": "mixtral",
+            "vocab_size": 256,
+            "num_attention_heads": 2,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+        }
+        (tmp_path / name / "config.json").write_text(json.dumps({**base, **config}))
+        with pytest.raises(ValueError, match=message):
+            model_config_from_hf(tmp_path / name)
 
     tiny_mixtral(tmp_path / "mixtral")
     wrong = with_overrides(model_config_from_hf(tmp_path / "mixtral"))
@@ -344,3 +422,160 @@ def test_import_errors(tmp_path):
         init_from_hf(Transformer(wrong), tmp_path / "mixtral", single_process_mesh())
     assert "model.dim=64 but the Hugging Face model has 32" in str(err.value)
     assert "model.moe.top_k=3 but the Hugging Face model has 2" in str(err.value)
+
+
+# ------------------------------------------------------------------- released architectures (GQA, QK-norm)
+
+# Small random configs of the released classes, shaped like the real ones: grouped-query attention, a
+# head_dim that is not hidden / heads (Qwen3-MoE), QK-norm per head (Qwen3-MoE) or over the projections
+# (OLMoE), dense blocks between MoE blocks, tied embeddings.
+RELEASED = {
+    "mixtral_gqa": (
+        "MixtralConfig",
+        {"num_local_experts": 4, "intermediate_size": 32, "num_key_value_heads": 1},
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        {
+            "num_experts": 4,
+            "moe_intermediate_size": 32,
+            "intermediate_size": 40,
+            "num_key_value_heads": 1,
+            "head_dim": 24,
+            "norm_topk_prob": True,
+            "num_hidden_layers": 3,
+            "mlp_only_layers": [1],
+        },
+    ),
+    "qwen3_moe_tied": (
+        "Qwen3MoeConfig",
+        {
+            "num_experts": 4,
+            "moe_intermediate_size": 32,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": True,
+        },
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        {"num_experts": 4, "intermediate_size": 32, "num_key_value_heads": 1, "norm_topk_prob": False},
+    ),
+}
+
+
+def tiny_released(path: Path, name: str, *, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    transformers = hf_lib()
+    cls_name, extra = RELEASED[name]
+    cfg = getattr(transformers, cls_name)(
+        **{
+            "vocab_size": 256,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_experts_per_tok": 2,
+            "max_position_embeddings": 64,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "initializer_range": 0.2,
+            **extra,
+        }
+    )
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_architectures_import_with_equal_logits_and_export_back_bitwise(name, tmp_path):
+    tiny_released(tmp_path / "hf", name)
+    overrides = model_config_from_hf(tmp_path / "hf")
+    model = Transformer(with_overrides(overrides))
+    init_from_hf(model, tmp_path / "hf", single_process_mesh())
+    x = tokens()
+    with torch.no_grad():
+        assert (model.eval()(x) - logits_of_hf(tmp_path / "hf", x)).abs().max() < TOL
+
+    # Export picks the same architecture and writes every tensor back exactly; transformers loads it.
+    model_type = json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"]
+    assert export_model(model, tmp_path / "back") == model_type
+    original, back = tensors_of(tmp_path / "hf"), tensors_of(tmp_path / "back")
+    assert original.keys() == back.keys()
+    for key in original:
+        assert torch.equal(original[key], back[key]), key
+    with torch.no_grad():
+        assert (model(x) - logits_of_hf(tmp_path / "back", x)).abs().max() < TOL
+
+
+def test_qwen3_moe_shapes_follow_head_dim_not_hidden_over_heads(tmp_path):
+    """Qwen3-MoE's q_proj is [heads·head_dim, hidden] (4096 x 2048 in Qwen3-30B-A3B), its QK-norm [head_dim]."""
+    tiny_released(tmp_path / "hf", "qwen3_moe")
+    overrides = model_config_from_hf(tmp_path / "hf")
+    assert (overrides["model.n_kv_heads"], overrides["model.head_dim"], overrides["model.qk_norm"]) == (
+        1,
+        24,
+        "head",
+    )
+    assert overrides["model.moe.every_n_layers"] == 2 and overrides["model.ffn_hidden"] == 40
+    attn = Transformer(with_overrides(overrides)).layers[0].attn
+    assert tuple(attn.wq.weight.shape) == (4 * 24, 32) and tuple(attn.wk.weight.shape) == (24, 32)
+    assert tuple(attn.wo.weight.shape) == (32, 4 * 24) and tuple(attn.q_norm.weight.shape) == (24,)
+    tiny_released(tmp_path / "olmoe", "olmoe")
+    attn = Transformer(with_overrides(model_config_from_hf(tmp_path / "olmoe"))).layers[0].attn
+    assert tuple(attn.q_norm.weight.shape) == (32,) and tuple(attn.k_norm.weight.shape) == (8,)
+
+
+@pytest.mark.parametrize(
+    ("options", "moe", "model_type"),
+    [
+        ({"n_kv_heads": 1, "head_dim": 24, "qk_norm": "head"}, {}, "qwen3_moe"),
+        ({"qk_norm": "head", "tie_embeddings": True}, {"every_n_layers": 2, "norm_topk": False}, "qwen3_moe"),
+        ({"n_kv_heads": 1, "qk_norm": "full"}, {"norm_topk": False}, "olmoe"),
+        ({"n_kv_heads": 1, "head_dim": 8, "tie_embeddings": True}, {}, "mixtral"),
+        ({"n_kv_heads": 1, "qk_norm": "head"}, {"router": "sigmoid", "num_shared_experts": 1}, "glm4_moe"),
+        ({"n_kv_heads": 1}, {"num_shared_experts": 1}, "granitemoeshared"),
+        ({"n_kv_heads": 1, "head_dim": 24, "qk_norm": "head"}, {"num_experts": 0}, "qwen3"),
+        ({"n_kv_heads": 1, "tie_embeddings": True}, {"num_experts": 0}, "llama"),
+    ],
+)
+def test_new_attention_options_export_with_equal_logits(options, moe, model_type, tmp_path):
+    model = random_model(moe, n_heads=4, **options)
+    assert export_model(model, tmp_path) == model_type
+    x = tokens()
+    with torch.no_grad():
+        assert (model(x) - logits_of_hf(tmp_path, x)).abs().max() < TOL
+
+
+def test_refusals_of_qk_norm_without_a_counterpart():
+    cases = [
+        ({"qk_norm": "full"}, {"num_experts": 0}, "OLMo-2"),
+        ({"qk_norm": "full"}, {"num_shared_experts": 1}, "no shared experts"),
+        ({"qk_norm": "full", "head_dim": 24}, {}, "must be dim / n_heads"),
+        ({"qk_norm": "head"}, {"num_shared_experts": 1}, "Qwen3-MoE has no shared experts"),
+    ]
+    for options, moe, message in cases:
+        cfg = ModelConfig(n_heads=4, **options, moe=MoEConfig(**moe))
+        with pytest.raises(ValueError, match="cannot export to Hugging Face exactly") as err:
+            hf_model_type(cfg)
+        assert message in str(err.value)
+
+
+def test_streamed_export_of_a_qwen3_moe_shaped_checkpoint(tmp_path):
+    """A trained checkpoint with GQA, head_dim, per-head QK-norm, a dense block and tied embeddings, through
+    the streamed (layer by layer) export: Qwen3MoeForCausalLM with equal logits."""
+    options = ["model.n_kv_heads=1", "model.head_dim=24", "model.qk_norm=head", "model.tie_embeddings=true",
+               "model.moe.every_n_layers=2", "trainer.max_steps=2", f"trainer.out_dir={tmp_path}/run"]  # fmt: skip
+    run_dir = run([*MIXTRAL_RUN, *options])
+    model_type, ckpt = export_checkpoint(run_dir, tmp_path / "hf")
+    assert model_type == "qwen3_moe"
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "lm_head.weight" not in index and "model.layers.0.self_attn.q_norm.weight" in index
+    from moe_dist.model.build import load_model
+
+    model, _ = load_model(ckpt, mesh=single_process_mesh(), device=torch.device("cpu"))
+    x = tokens(batch=3)
+    with torch.no_grad():
+        assert (model(x) - logits_of_hf(tmp_path / "hf", x)).abs().max() < TOL

@@ -5,7 +5,7 @@ L = E / ep local experts, R rows received from the EP group, P = ep ranks.
 
 dispatch: sort the N copies by expert (capacity drops here) → exchange counts → all_to_all rows with
           uneven splits → reorder the received rows from (source rank, local expert) to expert-major.
-combine:  the exact reverse, then Σ_k gate·y into fp32 rows with one index_add.
+combine:  the exact reverse, then Σ_k gate·y into fp32 rows (fp64 in fp64 mode) with one index_add.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 
 from moe_dist.distributed import to_device
+from moe_dist.precision import accum_dtype
 
 
 class _AllToAll(torch.autograd.Function):
@@ -78,7 +79,7 @@ class Plan:
 
     num_tokens: int
     token_idx_M: torch.Tensor  # token row of each kept copy, in sorted (expert-major) order
-    weights_M: torch.Tensor  # fp32 gate weight of each kept copy, same order
+    weights_M: torch.Tensor  # gate weight of each kept copy (fp32; fp64 in fp64 mode), same order
     x_MD: torch.Tensor  # the kept copies, same order
     kept_E: torch.Tensor  # kept copies per global expert on this rank (device)
     counts_PE: list[list[int]] | None  # kept copies per (EP rank, global expert) in the EP group (host)
@@ -169,7 +170,7 @@ class TokenDispatcher:
         return Plan(
             num_tokens=T,
             token_idx_M=token_idx_M,
-            weights_M=weights_TK.reshape(-1)[order_N].float(),
+            weights_M=weights_TK.reshape(-1)[order_N].to(accum_dtype(weights_TK)),
             x_MD=x_TD.index_select(0, token_idx_M),
             kept_E=kept_E,
             counts_PE=counts_PE,
@@ -278,7 +279,8 @@ class TokenDispatcher:
         return Dispatched(x_RD, tokens_dev, tokens_host, plan.num_dropped, plan, state)
 
     def combine(self, y_RD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
-        """Reverse of dispatch; returns fp32 rows [T, D] = Σ over kept copies of gate · expert output."""
+        """Reverse of dispatch; returns rows [T, D] = Σ over kept copies of gate · expert output, summed in the
+        gate weights' dtype (fp32; fp64 in fp64 mode)."""
         if dispatched.round is not None:
             y_RD = self.exchange_out(y_RD, dispatched.round)
         return self._weighted_sum(
@@ -287,13 +289,13 @@ class TokenDispatcher:
 
     @staticmethod
     def _weighted_sum(y_MD, plan: Plan, token_idx_M, weights_M) -> torch.Tensor:
-        out_TD = y_MD.new_zeros((plan.num_tokens, y_MD.shape[-1]), dtype=torch.float32)
-        return out_TD.index_add(0, token_idx_M, y_MD.float() * weights_M.unsqueeze(-1))
+        out_TD = y_MD.new_zeros((plan.num_tokens, y_MD.shape[-1]), dtype=weights_M.dtype)
+        return out_TD.index_add(0, token_idx_M, y_MD.to(weights_M.dtype) * weights_M.unsqueeze(-1))
 
     def forward(
         self, x_TD, expert_ids_TK, weights_TK, counts_E, *, capacity, experts
     ) -> tuple[torch.Tensor, Plan, int]:
-        """route-result → fp32 output rows [T, D], the plan, and the number of exchange rounds used."""
+        """route-result → output rows [T, D] (gate weights' dtype), the plan, and the exchange rounds used."""
         plan = self.plan(x_TD, expert_ids_TK, weights_TK, counts_E, capacity=capacity)
         rounds = self.num_rounds(plan)
         if rounds == 1:
@@ -303,7 +305,7 @@ class TokenDispatcher:
             )
             return self.combine(y_RD, d), plan, 1
 
-        out_TD = x_TD.new_zeros((plan.num_tokens, x_TD.shape[-1]), dtype=torch.float32)
+        out_TD = x_TD.new_zeros((plan.num_tokens, x_TD.shape[-1]), dtype=plan.weights_M.dtype)
         starts_E = exclusive_cumsum(plan.kept_E)
         for r in range(rounds):
             counts_PE, offsets = self._round_pieces(plan, rounds, r)
@@ -318,6 +320,6 @@ class TokenDispatcher:
             # Recomputed in backward (same order on every rank): only this round's rows are ever received.
             y_MD = torch.utils.checkpoint.checkpoint(one_round, plan.x_MD[rows], use_reentrant=False)
             out_TD = out_TD.index_add(
-                0, plan.token_idx_M[rows], y_MD.float() * plan.weights_M[rows].unsqueeze(-1)
+                0, plan.token_idx_M[rows], y_MD.to(out_TD.dtype) * plan.weights_M[rows].unsqueeze(-1)
             )
         return out_TD, plan, rounds

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
@@ -78,7 +79,10 @@ class GroupedExperts(nn.Module):
             else None
         )
         dtype = dtype or self.w_gate_up.dtype
-        x_RD, w_gate_up, w_down = x_RD.to(dtype), self.w_gate_up.to(dtype), self.w_down.to(dtype)
+        w_gate_up, w_down = self.w_gate_up, self.w_down
+        if isinstance(w_gate_up, DTensor):  # engine=fsdp: gathered, a DTensor of this EP rank's L experts
+            w_gate_up, w_down = w_gate_up.to_local(), w_down.to_local()
+        x_RD, w_gate_up, w_down = x_RD.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
         if self.uses_grouped_mm(dtype, x_RD.device):
             offsets_L = torch.cumsum(tokens_per_expert_L, dim=0, dtype=torch.int32)
             h_R2F = F.grouped_mm(x_RD, w_gate_up, offs=offsets_L)

@@ -19,8 +19,8 @@ from moe_dist.config import ModelConfig
 
 def _heads(m: ModelConfig) -> tuple[int, int, int]:
     """(query heads, key/value heads, head dim)."""
-    head_dim = getattr(m, "head_dim", None) or m.dim // m.n_heads
-    kv_heads = getattr(m, "n_kv_heads", None) or m.n_heads
+    head_dim = m.head_dim or m.dim // m.n_heads
+    kv_heads = m.n_kv_heads or m.n_heads
     return m.n_heads, kv_heads, head_dim
 
 
@@ -82,15 +82,33 @@ def recomputed_flops(forward: ForwardFlops, m: ModelConfig, *, checkpointing: st
         recomputed = sum(forward.layer(i) for i in range(0, L, every))
     if rounds > 1:  # each round is checkpointed inside the dispatcher (nested in a checkpointed block too)
         recomputed += sum(forward.experts)
-    if getattr(m, "loss_chunk_tokens", 0) != 0:  # chunked loss (None = auto): logits again in backward
+    if m.loss_chunk_tokens != 0:  # chunked loss (None = auto): logits again in backward
         recomputed += forward.head
     return recomputed
 
 
-def training_flops(forward: ForwardFlops, *, recomputed: int = 0) -> int:
-    """Forward + backward (counted convention) of one micro-batch, plus ``recomputed`` forward FLOPs."""
+# trainer.freeze groups → the ForwardFlops fields whose weights they hold (model/build.py freeze_parameters).
+FROZEN_MATMULS = {
+    "router": ("router",),
+    "experts": ("experts",),
+    "dense": ("attention_proj", "shared_experts", "dense_ffn"),
+    "embeddings": ("head",),
+}
+
+
+def training_flops(forward: ForwardFlops, *, recomputed: int = 0, frozen: tuple[str, ...] = ()) -> int:
+    """Forward + backward (counted convention) of one micro-batch, plus ``recomputed`` forward FLOPs.
+
+    ``frozen`` (trainer.freeze groups): their matmuls skip the weight gradient (their backward is one forward,
+    not two). Exact unless both embeddings and dense are frozen (then the first attention block has no
+    backward at all, which this does not subtract)."""
     attention = sum(forward.attention_core)
-    return 3 * (forward.total() - attention) + attention + int(2.5 * attention) + recomputed
+    weight_grads = forward.total() - attention
+    for group in frozen:
+        for name in FROZEN_MATMULS[group]:
+            value = getattr(forward, name)
+            weight_grads -= value if isinstance(value, int) else sum(value)
+    return forward.total() + (forward.total() - attention) + weight_grads + int(2.5 * attention) + recomputed
 
 
 def model_flops_per_token(m: ModelConfig) -> float:

@@ -15,8 +15,9 @@ from fractions import Fraction
 
 import torch
 
-from moe_dist.config import ENGINES, Config, validate_plan
+from moe_dist.config import Config, batch_layout, validate_plan
 from moe_dist.hardware import GPU, Overheads, gpu
+from moe_dist.model.build import freeze_parameters
 from moe_dist.model.transformer import Transformer, count_parameters
 from moe_dist.planning.flops import (
     forward_flops,
@@ -124,17 +125,20 @@ def check_inputs(cfg: Config) -> GPU:
 
 
 def param_counts(cfg: Config) -> tuple[int, int]:
-    """(dense, routed expert) parameters of the whole model."""
+    """(dense, routed expert) parameters of the whole model that train (``trainer.freeze`` left out: the
+    bounds below stay lower bounds)."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    expert = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
-    return sum(p.numel() for p in model.parameters()) - expert, expert
+    freeze_parameters(model, cfg.trainer.freeze)
+    trained = [(name, p.numel()) for name, p in model.named_parameters() if p.requires_grad]
+    expert = sum(n for name, n in trained if ".experts." in name and ".shared_experts." not in name)
+    return sum(n for _, n in trained) - expert, expert
 
 
 def static_bytes(cfg: Config, *, dense: int, expert: int) -> float:
     """Parameters + gradients + AdamW state per GPU of ``cfg``'s layout (a lower bound: no activations)."""
     W, ep = cfg.plan.world_size, cfg.parallel.ep
-    width = 8 if getattr(cfg.trainer, "precision", "auto") == "fp64" else 4  # fp32 master weights otherwise
+    width = 8 if cfg.trainer.precision == "fp64" else 4  # fp32 master weights otherwise
     if cfg.engine.name == "fsdp":
         return 4 * width * (dense + expert) / W
     local = dense + expert / ep
@@ -148,15 +152,11 @@ def static_bytes(cfg: Config, *, dense: int, expert: int) -> float:
 
 def leanest_static_bytes(cfg: Config) -> tuple[float, str]:
     """The least parameter + gradient + AdamW bytes per GPU any layout moe_dist offers reaches at this world
-    size, and how (fully sharded when an engine shards everything, else experts over the widest EP)."""
+    size, and how (engine=fsdp: everything sharded over the world)."""
     dense, expert = param_counts(cfg)
-    W, E = cfg.plan.world_size, cfg.model.moe.num_experts
-    if "fsdp" in ENGINES:
-        fsdp = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, name="fsdp"))
-        return static_bytes(fsdp, dense=dense, expert=expert), f"fully sharded over {W} GPUs"
-    ep = max((d for d in range(1, W + 1) if W % d == 0 and (E % d == 0 if E else d == 1)), default=1)
-    widest = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, ep=ep))
-    return static_bytes(widest, dense=dense, expert=expert), f"with the experts over ep={ep}"
+    W = cfg.plan.world_size
+    fsdp = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, name="fsdp"))
+    return static_bytes(fsdp, dense=dense, expert=expert), f"fully sharded over {W} GPUs"
 
 
 def expert_rows(cfg: Config, *, ep_rank: int, skew: float) -> tuple[list[int], int]:
@@ -166,7 +166,7 @@ def expert_rows(cfg: Config, *, ep_rank: int, skew: float) -> tuple[list[int], i
     layers = moe_layer_ids(m)
     if not layers:
         return [], 1
-    tokens = cfg.trainer.micro_batch_size * m.seq_len
+    tokens = batch_layout(cfg.trainer, world_size=cfg.plan.world_size)[0] * m.seq_len
     top_k = m.moe.num_experts if m.moe.router == "soft" else m.moe.top_k
     row = skewed_counts(tokens=tokens, top_k=top_k, num_experts=m.moe.num_experts, skew=skew)
     if m.moe.capacity_factor is not None:
@@ -191,7 +191,7 @@ def plan_depths(cfg: Config) -> list[int]:
     """Layers to run: all of them, or (plan.depth=auto, deep models) two short stacks of whole layer periods
     (MoE every n-th layer), whose difference is one period: every per-step quantity is then a + b·layers."""
     n, period = cfg.model.n_layers, cfg.model.moe.every_n_layers if cfg.model.moe.num_experts else 1
-    checkpointing = getattr(cfg.trainer, "activation_checkpointing", "none")
+    checkpointing = cfg.trainer.activation_checkpointing
     if checkpointing.startswith("every_n:"):  # checkpointed blocks repeat with their own period
         period = math.lcm(period, int(checkpointing.partition(":")[2]))
     if cfg.plan.depth == "full" or n <= 4 * period:
@@ -227,9 +227,10 @@ def _run_roles(
 def analytic_flops(cfg: Config, micro_batch_size: int, accum_steps: int, rows: list[int], rounds: int) -> int:
     """One optimizer step of one rank by formula (planning/flops.py), counted convention."""
     forward = forward_flops(cfg.model, batch=micro_batch_size, expert_rows=rows)
-    checkpointing = getattr(cfg.trainer, "activation_checkpointing", "none")  # "none" before that key existed
+    checkpointing = cfg.trainer.activation_checkpointing
     recomputed = recomputed_flops(forward, cfg.model, checkpointing=checkpointing, rounds=rounds)
-    return accum_steps * training_flops(forward, recomputed=recomputed)
+    frozen = tuple(cfg.trainer.freeze)
+    return accum_steps * training_flops(forward, recomputed=recomputed, frozen=frozen)
 
 
 def _summarise(trace: RankTrace, cfg: Config, label, rows, rounds, estimate, roofline) -> Role:

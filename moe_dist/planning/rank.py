@@ -21,12 +21,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from moe_dist.config import Config
-from moe_dist.data import TokenSplits
+from moe_dist.config import Config, batch_layout
+from moe_dist.data import TokenSplits, TokenStream
 from moe_dist.hardware import GPU
 from moe_dist.model.build import materialise_model, sharded_meta_model
 from moe_dist.parallel.mesh import build_mesh
@@ -55,10 +56,10 @@ class RankTrace:
 
 
 @contextlib.contextmanager
-def fake_process_group(world_size: int, rank: int) -> Iterator[None]:
-    """torch's in-process fake backend: any world size, collectives that return at once (no group at world 1,
-    as in training)."""
-    if world_size == 1:
+def fake_process_group(world_size: int, rank: int, *, single_rank_group: bool) -> Iterator[None]:
+    """torch's in-process fake backend: any world size, collectives that return at once (at world 1 a group
+    only where training starts one: engine=fsdp)."""
+    if world_size == 1 and not single_rank_group:
         yield
         return
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -91,23 +92,27 @@ def plan_rank(
     env = dict(device_count=cfg.plan.gpus_per_node, total_memory=int(gpu.memory_bytes), name=gpu.name)
     device_type = cfg.plan.device
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with fake_process_group(world_size, rank), fake_cuda_env(**env, fake_mode=fake_mode) as streams:
+    single_rank_group = cfg.engine.name == "fsdp"
+    with (
+        fake_process_group(world_size, rank, single_rank_group=single_rank_group),
+        fake_cuda_env(**env, fake_mode=fake_mode) as streams,
+    ):
         mesh = build_mesh(ep=cfg.parallel.ep, num_experts=cfg.model.moe.num_experts, device_type=device_type)
-        model = sharded_meta_model(cfg, mesh)  # outside the fake mode (model/build.py says why)
+        device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
+        model = sharded_meta_model(cfg, mesh, device)  # outside the fake mode (model/build.py says why)
         recorder = StepRecorder(device_type=device_type, rank=rank, streams=streams)
-        tokens = cfg.trainer.micro_batch_size * cfg.model.seq_len
+        micro_batch_size, _ = batch_layout(cfg.trainer, world_size=world_size)
+        tokens = micro_batch_size * cfg.model.seq_len
         if replay is not None:
             ReplayedRouting(replay, on_sync=recorder.host_sync).install(model)
         else:
             PlannedRouting(tokens=tokens, skew=skew, on_sync=recorder.host_sync).install(model)
         # Any token stream of the right dtype: values never matter, shapes do.
-        data = TokenSplits(
-            train=torch.zeros(cfg.model.seq_len + 2, dtype=torch.int64),
-            val=torch.zeros(cfg.model.seq_len + 2, dtype=torch.int64),
-            description="planner (no data)",
+        stream = TokenStream.from_array(
+            np.zeros(cfg.model.seq_len + 2, dtype=np.int64), np.zeros(1, np.int64)
         )
+        data = TokenSplits(train=stream, val=stream, description="planner (no data)")
         with fake_mode:
-            device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
             materialise_model(model, cfg, mesh, device, init=False)  # values never matter
             run = assemble_run(
                 cfg,
@@ -149,7 +154,7 @@ def plan_rank(
                 static=static,
                 syncs=dict(recorder.syncs),
                 local_params=local_params,
-                micro_batch_size=cfg.trainer.micro_batch_size,
+                micro_batch_size=micro_batch_size,
                 accum_steps=run.accum_steps,
                 seconds=time.perf_counter() - started,
             )

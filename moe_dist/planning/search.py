@@ -13,7 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from moe_dist.config import ENGINES, Config, TrainerConfig
+from moe_dist.config import Config
 from moe_dist.planning.planner import (
     GiB,
     Plan,
@@ -65,18 +65,13 @@ def candidates(cfg: Config) -> list[tuple[int, str, str]]:
     """(ep, engine, activation checkpointing) to try, in a fixed order."""
     W, E = cfg.plan.world_size, cfg.model.moe.num_experts
     eps = [d for d in _divisors(W) if (E == 0 and d == 1) or (E > 0 and E % d == 0)]
-    engines = [e for e in PLANNABLE_ENGINES if e in ENGINES]
-    has_checkpointing = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainerConfig)}
-    modes = CHECKPOINTING if has_checkpointing else ("none",)
-    return [(ep, engine, ac) for ep in eps for engine in engines for ac in modes]
+    return [(ep, engine, ac) for ep in eps for engine in PLANNABLE_ENGINES for ac in CHECKPOINTING]
 
 
 def _configure(cfg: Config, *, ep: int, engine: str, micro_batch_size: int, ac: str) -> Config:
-    trainer = dataclasses.replace(cfg.trainer, micro_batch_size=micro_batch_size)
-    if hasattr(trainer, "activation_checkpointing"):
-        trainer = dataclasses.replace(trainer, activation_checkpointing=ac)
-    if hasattr(trainer, "accum_steps"):
-        trainer = dataclasses.replace(trainer, accum_steps=None)
+    trainer = dataclasses.replace(
+        cfg.trainer, micro_batch_size=micro_batch_size, activation_checkpointing=ac, accum_steps=None
+    )
     return dataclasses.replace(
         cfg,
         parallel=dataclasses.replace(cfg.parallel, ep=ep),
