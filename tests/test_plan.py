@@ -119,7 +119,7 @@ def test_memory_falls_with_fsdp(plans):
     assert ac["syncs"]["routing_counts"] == 2 * fsdp["syncs"]["routing_counts"]
     assert ac["static"]["optimizer_state"] < fsdp["static"]["optimizer_state"]  # frozen router: no state
     # Nothing of the recomputed blocks outlives backward (it did: found by the planner, moe/layer.py).
-    assert ac["phase_peak"]["stats"] <= ac["phase_peak"]["data"] + 4096, ac["phase_peak"]  # + step stats
+    assert ac["phase_peak"]["stats"] <= fsdp["phase_peak"]["stats"], (ac["phase_peak"], fsdp["phase_peak"])
 
 
 def test_skew_and_extrapolated_depth(plans):
