@@ -34,6 +34,7 @@ class MoEConfig:
     bias_update_rate: float = 0.001  # aux-loss-free bias step per optimizer step (sigmoid router only)
     every_n_layers: int = 1  # MoE FFN in every n-th block, dense FFN in the others
     grouped_mm: str = "auto"  # "auto": grouped_mm on CUDA when shapes allow, loop on CPU; "on"; "off" (loop)
+    overlap_chunks: int = 1  # ep > 1: token chunks whose all-to-alls overlap the experts of the chunk before
 
 
 @dataclass
@@ -158,6 +159,13 @@ def validate_moe(moe: MoEConfig, *, dim: int | None = None, ep: int = 1, prefix:
         f"{p}.recv_budget",
         moe.recv_budget,
         "must be >= 1 or null",
+    )
+    _require(moe.overlap_chunks >= 1, f"{p}.overlap_chunks", moe.overlap_chunks, "must be >= 1")
+    _require(
+        moe.overlap_chunks == 1 or moe.recv_budget is None,
+        f"{p}.overlap_chunks",
+        moe.overlap_chunks,
+        f"cannot be combined with {p}.recv_budget={moe.recv_budget} (set one of them)",
     )
     _require(moe.every_n_layers >= 1, f"{p}.every_n_layers", moe.every_n_layers, "must be >= 1")
     _require(moe.aux_loss_coef >= 0, f"{p}.aux_loss_coef", moe.aux_loss_coef, "must be >= 0")

@@ -108,8 +108,8 @@ def forward_phases(rt: Runtime, layer: MoELayer, x: torch.Tensor, *, steps: int)
     """moe_dist forward only, in a replica of MoELayer.forward with a timer around each sub-part.
 
     permute = dispatcher.dispatch minus its all-to-all (sort, the counts all-gather with the layer's one host
-    sync, gather of the copies, received-row reorder); combine = dispatcher.combine minus its all-to-all
-    (reverse reorder, gate-weighted sum); exchange = the all_to_all_single calls, each after a barrier;
+    sync, gather of the copies into the send buffer); combine = dispatcher.combine minus its all-to-all
+    (the fused gate-weighted sum); exchange = the all_to_all_single calls, each after a barrier;
     wait = those barriers (a rank waiting for a slower one). Each value: median over steps on each rank,
     then the mean over ranks.
     """
@@ -133,7 +133,7 @@ def forward_phases(rt: Runtime, layer: MoELayer, x: torch.Tensor, *, steps: int)
                         capacity=layer.capacity(len(x_TD)),
                     )
                 with phase("experts"):
-                    y_RD = layer.experts(d.x_RD, d.tokens_per_expert_L, d.tokens_per_expert_host)
+                    y_RD = layer.experts(d.x_RD, d.rows)
                 with phase("combine"):
                     y_TD = layer.dispatcher.combine(y_RD, d).to(x.dtype)
             rt.sync()

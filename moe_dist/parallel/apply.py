@@ -44,7 +44,11 @@ def parallelize_moe(model: nn.Module, mesh: Mesh) -> nn.Module:
             setattr(experts, name, nn.Parameter(shard, requires_grad=full.requires_grad))
         experts.expert_offset = first
         layer.dispatcher = TokenDispatcher(
-            num_experts, group=mesh.ep_group, ep=mesh.ep, recv_budget=layer.cfg.recv_budget
+            num_experts,
+            group=mesh.ep_group,
+            ep=mesh.ep,
+            recv_budget=layer.cfg.recv_budget,
+            overlap_chunks=layer.cfg.overlap_chunks,
         )
         layer.router.dp_group, layer.router.dp_size = mesh.world_group, mesh.world_size
     return model
