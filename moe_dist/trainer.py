@@ -29,6 +29,7 @@ from moe_dist.model.transformer import Transformer, count_parameters
 from moe_dist.moe.layer import MoELayer
 from moe_dist.optim import lr_at
 from moe_dist.parallel.mesh import Mesh, build_mesh
+from moe_dist.transfer import to_device
 
 EVAL_SEED_OFFSET = 7_919  # eval batches come from (seed + offset, i): never the training draws
 
@@ -79,7 +80,8 @@ def validate_run(cfg: Config, *, world_size: int) -> None:
 
 
 class StepStats:
-    """Device-side sums over the micro-batches of one step; one all-reduce and one host copy when read."""
+    """Sums over the micro-batches of one step: losses and expert counts on the device, copy counts on the
+    host (they are host integers already); one all-reduce, and one host copy when read."""
 
     def __init__(self, model: Transformer, device: torch.device):
         self.num_layers = sum(1 for _ in model.moe_layers())
@@ -88,29 +90,31 @@ class StepStats:
         self.reset()
 
     def reset(self) -> None:
-        # [ce, aux, z, dropped, copies, micro-batches] then counts [layers x experts]
-        self.scalars = torch.zeros(6, dtype=torch.float64, device=self.device)
+        self.losses = torch.zeros(3, dtype=torch.float64, device=self.device)  # ce, aux, z
+        self.host_sums = [0, 0, 0]  # dropped copies, routed copies, micro-batches
         self.counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64, device=self.device)
         self.exchange_rounds = 1  # the most rounds a layer needed (recv_budget); the same on every rank
+        self.scalars: torch.Tensor | None = None  # [ce, aux, z, dropped, copies, micro], set by all_reduce
 
     def add(self, ce: torch.Tensor, model: Transformer) -> None:
         layers = list(model.moe_layers())
         aux = sum((m.stats.aux_loss.detach() for m in layers), torch.zeros((), device=self.device))
         z = sum((m.stats.z_loss.detach() for m in layers), torch.zeros((), device=self.device))
-        dropped = sum(m.stats.num_dropped for m in layers)
-        copies = sum(m.stats.num_copies for m in layers)
-        self.scalars += torch.stack(
-            [ce.detach().double(), aux.double(), z.double(), *ce.new_tensor([dropped, copies, 1]).double()]
-        )
+        self.losses += torch.stack([ce.detach().double(), aux.double(), z.double()])
+        self.host_sums[0] += sum(m.stats.num_dropped for m in layers)
+        self.host_sums[1] += sum(m.stats.num_copies for m in layers)
+        self.host_sums[2] += 1
         for i, m in enumerate(layers):
             self.counts[i] += m.stats.counts_E
         self.exchange_rounds = max([self.exchange_rounds] + [m.stats.exchange_rounds for m in layers])
 
     def all_reduce(self, mesh: Mesh) -> None:
+        """Sums over all ranks (every rank calls it once per step, also at world 1)."""
+        host = to_device(torch.tensor(self.host_sums, dtype=torch.float64), self.device)  # no host wait
+        flat = torch.cat([self.losses, host, self.counts.reshape(-1)])
         if mesh.world_group is not None:
-            flat = torch.cat([self.scalars, self.counts.reshape(-1)])
             dist.all_reduce(flat, group=mesh.world_group)
-            self.scalars, self.counts = flat[:6], flat[6:].view_as(self.counts)
+        self.scalars, self.counts = flat[:6], flat[6:].view_as(self.counts)
 
     def record(self) -> dict:
         ce, aux, z, dropped, copies, micro = self.scalars.tolist()
@@ -123,6 +127,40 @@ class StepStats:
             "expert_load": load.tolist(),
             "exchange_rounds": self.exchange_rounds,
         }
+
+
+class Batches:
+    """This rank's training batches on the device, one step ahead.
+
+    ``get(step)`` returns the step's (inputs, targets), prefetched if ``prefetch(step)`` ran before; on CUDA
+    the rows are pinned and copied without blocking the host, so the copy of the next step's batch overlaps
+    this step's work. The batch is a function of (seed, step), so nothing needs saving across a restart.
+    """
+
+    def __init__(self, cfg: Config, data: torch.Tensor, mesh: Mesh, device: torch.device):
+        self.cfg, self.data, self.mesh, self.device = cfg, data, mesh, device
+        self.next: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def load(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.cfg.trainer
+        inputs, targets = rank_batch(
+            self.data,
+            seed=t.seed,
+            step=step,
+            global_batch_size=t.global_batch_size,
+            seq_len=self.cfg.model.seq_len,
+            rank=self.mesh.rank,
+            world_size=self.mesh.world_size,
+        )
+        return to_device(inputs, self.device), to_device(targets, self.device)
+
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.next[1] if self.next is not None and self.next[0] == step else self.load(step)
+        self.next = None
+        return batch
+
+    def prefetch(self, step: int) -> None:
+        self.next = (step, self.load(step))
 
 
 def lm_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -142,6 +180,7 @@ class Run:
     engine: Engine
     autocast: AbstractContextManager
     accum_steps: int  # micro-batches per rank per optimizer step
+    batches: Batches
     stats: StepStats
     nonfinite: NonFiniteGuard
     collapse: CollapseDetector
@@ -171,6 +210,7 @@ def build_run(cfg: Config) -> Run:
         engine=engine,
         autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
         accum_steps=t.global_batch_size // (mesh.world_size * t.micro_batch_size),
+        batches=Batches(cfg, data.train, mesh, device),
         stats=StepStats(model, device),
         nonfinite=NonFiniteGuard(t.max_nonfinite_skips),
         collapse=CollapseDetector(
@@ -192,19 +232,10 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
     with phase("data"):
         engine.set_lr(lr_at(step, t))
         torch.manual_seed(step_seed(t.seed, step, run.mesh.rank))
-        inputs, targets = rank_batch(
-            run.data.train,
-            seed=t.seed,
-            step=step,
-            global_batch_size=t.global_batch_size,
-            seq_len=run.cfg.model.seq_len,
-            rank=run.mesh.rank,
-            world_size=run.mesh.world_size,
-        )
+        inputs, targets = run.batches.get(step)  # on the device already (prefetched by the previous step)
     for i in range(run.accum_steps):
-        with phase("data"):
-            rows = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
-            micro_inputs, micro_targets = inputs[rows].to(run.device), targets[rows].to(run.device)
+        rows = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
+        micro_inputs, micro_targets = inputs[rows], targets[rows]
         with phase("forward"), run.autocast:
             ce = lm_loss(model, micro_inputs, micro_targets)
             loss = (ce + model.moe_loss()) / run.accum_steps
@@ -227,6 +258,9 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
             for layer, counts_E in zip(model.moe_layers(), run.stats.counts):
                 layer.router.update_bias(counts_E)
             run.collapse.update(run.stats.counts)
+    if step < t.max_steps:
+        with phase("data"):
+            run.batches.prefetch(step + 1)
     return StepResult(grad_norm, skip_message)
 
 
@@ -249,7 +283,7 @@ def evaluate(run: Run) -> float:
         )
         for mb_in, mb_tg in zip(inputs.split(t.micro_batch_size), targets.split(t.micro_batch_size)):
             with run.autocast:
-                loss = lm_loss(model, mb_in.to(run.device), mb_tg.to(run.device))
+                loss = lm_loss(model, to_device(mb_in, run.device), to_device(mb_tg, run.device))
             total += torch.stack([loss.double(), total.new_ones(())])
     if mesh.world_group is not None:
         dist.all_reduce(total, group=mesh.world_group)

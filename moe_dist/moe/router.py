@@ -93,7 +93,7 @@ class Router(nn.Module):
         zero = logits_TE.new_zeros(())
         if self.aux_loss_coef == 0 and self.z_loss_coef == 0:
             return zero, zero
-        stats = torch.cat([counts_E.float(), logits_TE.new_tensor([num_tokens])])
+        stats = torch.cat([counts_E.float(), logits_TE.new_full((1,), num_tokens)])  # a fill: no host copy
         if self.dp_group is not None:
             dist.all_reduce(stats, group=self.dp_group)
         global_counts_E, global_tokens = stats[:-1], stats[-1]
