@@ -64,6 +64,8 @@ class EngineConfig:
     name: str = "native"  # "native" (AdamW + moe_dist gradient sync) or "deepspeed" (ZeRO optimizer sharding)
     zero_stage: int = 0  # deepspeed: 0, 1 (optimizer state sharded) or 2 (+ gradients sharded)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, passed through
+    overlap_grad_sync: bool = True  # native: all-reduce gradient buckets while the last backward still runs
+    grad_bucket_mb: float = 25.0  # native: size of one gradient all-reduce bucket (MiB of fp32 gradients)
 
 
 @dataclass
@@ -97,6 +99,7 @@ class TrainerConfig:
     resume: str = "auto"  # "auto" (newest complete checkpoint in out_dir), "none", or a checkpoint path
     device: str = "auto"  # "auto" = cuda when available, else cpu
     progress_bar: bool = True
+    peak_tflops: float | None = None  # device peak for MFU; null: known GPUs' bf16 peak, CPU: measured GEMM
 
 
 @dataclass
@@ -259,6 +262,8 @@ def validate(cfg: Config, *, world_size: int) -> None:
         "needs engine.name=deepspeed (the native engine does not shard optimizer state)",
     )
 
+    _require(e.grad_bucket_mb > 0, "engine.grad_bucket_mb", e.grad_bucket_mb, "must be > 0")
+
     d = cfg.data
     _require(d.name in DATASETS, "data.name", d.name, f"must be one of {DATASETS}")
     if d.name in ("text", "tokens"):
@@ -294,6 +299,12 @@ def validate(cfg: Config, *, world_size: int) -> None:
     _require(t.collapse_warn_steps >= 0, "trainer.collapse_warn_steps", t.collapse_warn_steps, "must be >= 0")
     _require(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
     _require(t.device in ("auto", "cpu", "cuda"), "trainer.device", t.device, "must be auto, cpu or cuda")
+    _require(
+        t.peak_tflops is None or t.peak_tflops > 0,
+        "trainer.peak_tflops",
+        t.peak_tflops,
+        "must be > 0 or null",
+    )
     _require(
         cfg.logging.wandb.mode in WANDB_MODES,
         "logging.wandb.mode",

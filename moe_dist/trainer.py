@@ -24,8 +24,9 @@ from moe_dist.distributed import broadcast_json, collective_timeout_s, env_world
 from moe_dist.engines import Engine, build_engine, validate_engine
 from moe_dist.guards import CollapseDetector, NonFiniteGuard, Watchdog
 from moe_dist.metrics import MetricsLogger, truncate_metrics
+from moe_dist.mfu import device_peak_tflops
 from moe_dist.model.build import build_model
-from moe_dist.model.transformer import Transformer, count_parameters
+from moe_dist.model.transformer import Transformer, count_parameters, model_flops_per_token
 from moe_dist.moe.layer import MoELayer
 from moe_dist.optim import lr_at
 from moe_dist.parallel.mesh import Mesh, build_mesh
@@ -324,6 +325,13 @@ class Cadence:
         t = run.cfg.trainer
         self.last_step = t.stop_at_step or t.max_steps
         self.tokens_per_step = t.global_batch_size * run.cfg.model.seq_len
+        self.flops_per_token = model_flops_per_token(run.model)
+        self.peak_tflops, self.peak_source = None, "not measured on this rank"
+        if logger.enabled:
+            dtype = torch.bfloat16 if run.device.type == "cuda" else next(run.model.parameters()).dtype
+            self.peak_tflops, self.peak_source = device_peak_tflops(
+                run.device, dtype, configured=t.peak_tflops
+            )
         self.window_start, self.window_steps, self.last_load = time.perf_counter(), 0, []
         self.bar = tqdm(
             total=t.max_steps,
@@ -331,6 +339,11 @@ class Cadence:
             disable=not (logger.enabled and t.progress_bar),
             leave=False,
         )
+
+    def peak_description(self) -> str:
+        if self.peak_tflops is None:
+            return self.peak_source
+        return f"{self.peak_tflops:.4g} TFLOP/s per device ({self.peak_source})"
 
     def after_step(self, step: int, result: StepResult) -> None:
         t = self.run.cfg.trainer
@@ -363,20 +376,24 @@ class Cadence:
     def log(self, step: int, result: StepResult) -> None:
         """One record (metrics.jsonl, wandb) and one console line; host reads of the step's statistics."""
         run = self.run
+        tokens_per_s = self.tokens_per_step * self.window_steps / (time.perf_counter() - self.window_start)
+        tflops = self.flops_per_token * tokens_per_s / run.mesh.world_size / 1e12
         record = {
             "step": step,
             **run.stats.record(),
             "lr": lr_at(step, run.cfg.trainer),
             "grad_norm": result.grad_norm.item(),
-            "tokens_per_s": self.tokens_per_step
-            * self.window_steps
-            / (time.perf_counter() - self.window_start),
+            "tokens_per_s": tokens_per_s,  # all ranks together, averaged over the log window
+            "model_tflops_per_rank": tflops,  # model FLOPs (model_flops_per_token) per second per rank
+            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,  # against the device peak
             "skipped_steps": run.nonfinite.skipped,
         }
         self.logger.log(record)
+        mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
         self.logger.console(
             f"step {step:>6} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-            f"grad_norm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:,.0f} | "
+            f"grad_norm {record['grad_norm']:.3f} | tok/s {tokens_per_s:,.0f} | "
+            f"TFLOP/s/rank {tflops:.3g} | MFU {mfu} | "
             f"aux {record['aux_loss']:.4f} | dropped {record['dropped_frac']:.3f} | "
             f"max load {max((max(r) for r in record['expert_load']), default=0):.3f}"
         )
@@ -424,16 +441,16 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
         out_dir, enabled=mesh.rank == 0, wandb_cfg=cfg.logging.wandb, run_config=dataclasses.asdict(cfg)
     )
     params = count_parameters(run.model)
+    cadence = Cadence(run, out_dir=out_dir, logger=logger, watchdog=watchdog, start_step=start_step)
     logger.console(
         f"moe_dist: world={mesh.world_size} ep={mesh.ep} edp={mesh.edp} device={run.device} | "
         f"params {params['total'] / 1e6:.2f}M total, {params['active'] / 1e6:.2f}M active | "
-        f"{run.data.description} | run dir {out_dir}"
+        f"{run.data.description} | run dir {out_dir} | MFU peak {cadence.peak_description()}"
         + (f" | resumed from {resume_path} at step {start_step}" if resume_path else "")
     )
     for warning in resume_warnings:
         logger.console(warning)
 
-    cadence = Cadence(run, out_dir=out_dir, logger=logger, watchdog=watchdog, start_step=start_step)
     for step in range(start_step + 1, cadence.last_step + 1):
 
         def phase(name: str, step: int = step) -> AbstractContextManager:

@@ -35,4 +35,4 @@ def build_engine(model: nn.Module, *, engine: EngineConfig, trainer: TrainerConf
         return DeepSpeedEngine(model, engine=engine, trainer=trainer, mesh=mesh)
     from moe_dist.engines.native import NativeEngine
 
-    return NativeEngine(model, trainer=trainer, mesh=mesh)
+    return NativeEngine(model, engine=engine, trainer=trainer, mesh=mesh)

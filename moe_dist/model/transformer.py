@@ -209,3 +209,12 @@ def count_parameters(model: Transformer) -> dict[str, int]:
             total += n
             active += n
     return {"total": total, "active": active}
+
+
+def model_flops_per_token(model: Transformer) -> float:
+    """Training FLOPs per token (forward and backward) of the architecture: 6 per active parameter outside
+    the embedding table (one multiply-add forward, two backward), plus causal attention, QKᵀ and AV over half
+    the S×S square: 6·n_layers·D·S. What MFU counts as useful work."""
+    cfg = model.cfg
+    active = count_parameters(model)["active"] - model.tok_embeddings.weight.numel()
+    return 6 * active + 6 * cfg.n_layers * cfg.dim * cfg.seq_len
