@@ -100,6 +100,7 @@ class TrainerConfig:
     device: str = "auto"  # "auto" = cuda when available, else cpu
     progress_bar: bool = True
     peak_tflops: float | None = None  # device peak for MFU; null: known GPUs' bf16 peak, CPU: measured GEMM
+    compile: bool = False  # torch.compile each transformer block (regional); the MoE exchange stays eager
 
 
 @dataclass

@@ -200,6 +200,8 @@ def build_run(cfg: Config) -> Run:
     device = init_distributed(backend=backend, timeout_s=cfg.parallel.timeout_s)
     mesh = build_mesh(ep=cfg.parallel.ep, num_experts=mcfg.moe.num_experts)
     model = build_model(cfg, mesh, device)
+    if t.compile:
+        model.compile_blocks()
     engine = build_engine(model, engine=cfg.engine, trainer=t, mesh=mesh)
     moe_names = [name for name, m in model.named_modules() if isinstance(m, MoELayer)]
     return Run(

@@ -149,6 +149,13 @@ class Transformer(nn.Module):
             h = layer(h, self.rope_cos, self.rope_sin, None if cache is None else cache.layers[i], start_pos)
         return self.output(self.norm(h))
 
+    def compile_blocks(self, **options) -> None:
+        """Regional compilation (``trainer.compile``): each block's forward compiled on its own, one graph per
+        kind of block, reused by every block of that kind. The MoE exchange stays eager
+        (``MoELayer.routed_experts``): the graph breaks around it, never inside the dense parts."""
+        for layer in self.layers:
+            layer.compile(**options)
+
     def new_cache(self) -> KVCache:
         """An empty key/value cache for up to model.seq_len positions."""
         return KVCache(len(self.layers), self.cfg.seq_len)

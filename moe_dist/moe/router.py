@@ -15,6 +15,12 @@ from torch import nn
 from moe_dist.config import MoEConfig
 
 
+@torch.compiler.disable
+def _all_reduce_sum(t: torch.Tensor, *, group: dist.ProcessGroup) -> None:
+    """In place, eagerly (under torch.compile the graph breaks here: the collective stays out of the graph)."""
+    dist.all_reduce(t, group=group)
+
+
 @dataclass
 class Routing:
     expert_ids_TK: torch.Tensor  # int64, global expert ids
@@ -95,7 +101,7 @@ class Router(nn.Module):
             return zero, zero
         stats = torch.cat([counts_E.float(), logits_TE.new_full((1,), num_tokens)])  # a fill: no host copy
         if self.dp_group is not None:
-            dist.all_reduce(stats, group=self.dp_group)
+            _all_reduce_sum(stats, group=self.dp_group)
         global_counts_E, global_tokens = stats[:-1], stats[-1]
         scale = self.dp_size / global_tokens.clamp_min(1)
         aux_loss = zero

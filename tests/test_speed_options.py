@@ -1,16 +1,19 @@
-"""Overlap changes no numbers: the gradient all-reduce in flight during backward, and the chunked EP pipeline.
+"""The speed options change no numbers: torch.compile, the gradient all-reduce in flight during backward, and
+the chunked EP pipeline.
 
 One spawn of two gloo ranks trains the tiny model for three steps in each mode (world 2, ep 2, two
-micro-batches per rank, so accumulation is exercised) and records at every step the reduced gradients of
-every parameter (before clipping), the loss and the grad norm. Held fixed: world, ep, micro-batches,
-fp32, seed and batches. Gradient all-reduce overlapped with backward vs after it: equal to the bit (at
-world 2 every sum has two terms, so the order of additions cannot differ). Chunked pipeline vs one
-exchange: equal within fp32 rounding (the expert weight gradients are summed chunk by chunk).
+micro-batches per rank, so accumulation is exercised; one dense and one MoE block) and records at every
+step the reduced gradients of every parameter (before clipping), the loss and the grad norm. Held fixed:
+world, ep, micro-batches, fp32, seed and batches. Gradient all-reduce overlapped with backward vs after it:
+equal to the bit (at world 2 every sum has two terms, so the order of additions cannot differ). Chunked
+pipeline vs one exchange, and compiled blocks vs eager: equal within fp32 rounding (expert weight gradients
+summed chunk by chunk; inductor's fused kernels round differently).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 
 import pytest
 import torch
@@ -20,16 +23,24 @@ from training_runs import TINY, compose_config
 from moe_dist.trainer import build_run, train_step
 
 STEPS = 3
-COMMON = ["parallel.ep=2", "trainer.micro_batch_size=2", f"trainer.max_steps={STEPS}"]
+COMMON = [
+    "parallel.ep=2",
+    "trainer.micro_batch_size=2",
+    f"trainer.max_steps={STEPS}",
+    "model.moe.every_n_layers=2",  # block 0 MoE, block 1 dense
+]
 MODES = {
     "after_backward": ["engine.overlap_grad_sync=false"],
     "grad_overlap": ["engine.overlap_grad_sync=true", "engine.grad_bucket_mb=0.01"],  # ~10 buckets
     "chunks": ["engine.overlap_grad_sync=false", "model.moe.overlap_chunks=3"],
     "chunks_grad_overlap": ["engine.grad_bucket_mb=0.01", "model.moe.overlap_chunks=2"],
+    "compiled": ["engine.overlap_grad_sync=false", "trainer.compile=true"],
 }
 
 
 def record_run(overrides: list[str]) -> dict:
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     run = build_run(compose_config([*TINY, *COMMON, *overrides]))
     steps = []
     for step in range(1, STEPS + 1):
@@ -52,6 +63,17 @@ def record_run(overrides: list[str]) -> dict:
         "steps": steps,
         "buckets": len(sync.buckets),
         "launched_in_backward": sync.launched_in_backward,
+        "graph_breaks": graph_breaks(),
+        "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+    }
+
+
+def graph_breaks() -> set[str]:
+    """The functions dynamo stopped at (each graph break's reason names the function it did not inline)."""
+    reasons = torch._dynamo.utils.counters["graph_break"]
+    return {
+        re.search(r"<function (\S+)", reason).group(1) if "<function" in reason else reason
+        for reason in reasons
     }
 
 
@@ -87,11 +109,20 @@ def test_grad_overlap_is_bitwise_equal_to_sync_after_backward(ranks):
         assert base["steps"][-1]["loss"] < base["steps"][0]["loss"]  # it trains: the gradients are not zero
 
 
-@pytest.mark.parametrize("mode", ["chunks", "chunks_grad_overlap"])
-def test_chunked_pipeline_equals_one_exchange(ranks, mode):
+@pytest.mark.parametrize("mode", ["chunks", "chunks_grad_overlap", "compiled"])
+def test_chunked_pipeline_and_compile_equal_eager_one_exchange(ranks, mode):
     for rank in ranks:
         base, chunked = rank["after_backward"], rank[mode]
         assert max_rel_diff(base, chunked) < 1e-5
         for step_a, step_b in zip(base["steps"], chunked["steps"]):
             assert abs(step_a["loss"] - step_b["loss"]) < 1e-6
             assert abs(step_a["grad_norm"] - step_b["grad_norm"]) < 1e-6 * step_a["grad_norm"]
+
+
+def test_compile_breaks_the_graph_only_around_the_exchange(ranks):
+    """The dense parts (attention, norms, dense FFN, router scores, shared experts) stay in whole graphs; the
+    graph breaks only at the two functions kept eager on purpose."""
+    for rank in ranks:
+        assert rank["compiled"]["graph_breaks"] == {"MoELayer.routed_experts", "_all_reduce_sum"}
+        assert rank["compiled"]["graphs"] >= 3  # MoE block (before, between, after the breaks), dense block
+        assert rank["after_backward"]["graphs"] == 0  # the counters see only the compiled run
