@@ -65,7 +65,7 @@ class EngineConfig:
     zero_stage: int = 0  # deepspeed: 0, 1 (optimizer state sharded) or 2 (+ gradients sharded)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, passed through
     overlap_grad_sync: bool = True  # native: all-reduce gradient buckets while the last backward still runs
-    grad_bucket_mb: float = 25.0  # native: size of one gradient all-reduce bucket (MiB of fp32 gradients)
+    grad_bucket_mb: float = 25.0  # native: gradient all-reduce bucket cap (MiB of fp32); at least 4 buckets
 
 
 @dataclass

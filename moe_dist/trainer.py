@@ -95,7 +95,7 @@ class StepStats:
         self.host_sums = [0, 0, 0]  # dropped copies, routed copies, micro-batches
         self.counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64, device=self.device)
         self.exchange_rounds = 1  # the most rounds a layer needed (recv_budget); the same on every rank
-        self.scalars: torch.Tensor | None = None  # [ce, aux, z, dropped, copies, micro], set by all_reduce
+        self.scalars: torch.Tensor | None = None  # [ce, aux, z, dropped, copies, micro], after the all-reduce
 
     def add(self, ce: torch.Tensor, model: Transformer) -> None:
         layers = list(model.moe_layers())
@@ -109,13 +109,19 @@ class StepStats:
             self.counts[i] += m.stats.counts_E
         self.exchange_rounds = max([self.exchange_rounds] + [m.stats.exchange_rounds for m in layers])
 
-    def all_reduce(self, mesh: Mesh) -> None:
-        """Sums over all ranks (every rank calls it once per step, also at world 1)."""
+    def start_all_reduce(self, mesh: Mesh) -> None:
+        """Starts summing over all ranks, once per step, also at world 1 (in flight while gradients are
+        reduced and the optimizer steps); ``finish_all_reduce`` waits for it."""
         host = to_device(torch.tensor(self.host_sums, dtype=torch.float64), self.device)  # no host wait
-        flat = torch.cat([self.losses, host, self.counts.reshape(-1)])
+        self.flat = torch.cat([self.losses, host, self.counts.reshape(-1)])
+        self.work = None
         if mesh.world_group is not None:
-            dist.all_reduce(flat, group=mesh.world_group)
-        self.scalars, self.counts = flat[:6], flat[6:].view_as(self.counts)
+            self.work = dist.all_reduce(self.flat, group=mesh.world_group, async_op=True)
+
+    def finish_all_reduce(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+        self.scalars, self.counts = self.flat[:6], self.flat[6:].view_as(self.counts)
 
     def record(self) -> dict:
         ce, aux, z, dropped, copies, micro = self.scalars.tolist()
@@ -246,6 +252,8 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
             engine.backward(loss, last_micro_batch=i == run.accum_steps - 1)
         with phase("stats"):
             run.stats.add(ce, model)
+    with phase("stats"):
+        run.stats.start_all_reduce(run.mesh)  # global sums in flight (after the gradient buckets)
     with phase("reduce_gradients"):
         grad_norm = engine.reduce_gradients()
     with phase("nonfinite_check"):
@@ -256,7 +264,7 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
             engine.step(grad_norm, max_norm=t.grad_clip)
         engine.zero_grad()
     with phase("stats_sync"):
-        run.stats.all_reduce(run.mesh)  # global expert counts: the same on every rank
+        run.stats.finish_all_reduce()  # global expert counts: the same on every rank
         if skip_message is None:
             for layer, counts_E in zip(model.moe_layers(), run.stats.counts):
                 layer.router.update_bias(counts_E)

@@ -21,7 +21,10 @@ class NativeEngine:
         self.optimizer = build_optimizer(model, trainer)
         self.overlap = None
         if mesh.world_group is not None:
-            bucket_numel = max(1, int(engine.grad_bucket_mb * 2**20) // 4)  # in fp32 gradient elements
+            # At most grad_bucket_mb of fp32 gradients, and small enough for 4 buckets: a small model too
+            # gets its first buckets out while backward runs.
+            total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            bucket_numel = max(1, min(int(engine.grad_bucket_mb * 2**20) // 4, -(-total // 4)))
             self.overlap = OverlappedGradSync(model, mesh, bucket_numel=bucket_numel)
         self.overlap_grad_sync = engine.overlap_grad_sync  # may be switched between steps (bench_train does)
         self.armed = False
@@ -31,6 +34,8 @@ class NativeEngine:
         if self.armed:
             self.overlap.arm()  # buckets go out while this backward still runs
         loss.backward()
+        if self.armed:
+            self.overlap.launch_remaining()  # all buckets in flight before any later collective
 
     def reduce_gradients(self) -> torch.Tensor:
         if self.armed:

@@ -102,8 +102,10 @@ class OverlappedGradSync:
     dense ones over the world and expert ones over EDP, at most ``bucket_numel`` elements each. While
     ``armed`` (the last micro-batch's backward), a post-accumulate-grad hook marks a parameter ready; a bucket
     is launched once it is ready and every bucket before it has been launched, so every rank issues the
-    same collectives in the same order whatever its own timing. ``finish()`` launches the rest (unused
-    parameters contribute zeros, as in ``sync_gradients``), waits, and divides by the world size. Same sums
+    same collectives in the same order whatever its own timing. ``launch_remaining()``, right after that
+    backward, sends the rest (unused parameters contribute zeros, as in ``sync_gradients``), so that any
+    collective issued later follows all buckets on every rank; ``finish()`` waits, writes the sums back and
+    divides by the world size. Same sums
     and divisions as ``sync_gradients``: equal to the bit at world 2 (tested), equal up to the order of the
     collective's additions at larger worlds.
     """
@@ -163,12 +165,16 @@ class OverlappedGradSync:
         flat = torch.cat(grads)
         self.in_flight.append((flat, dist.all_reduce(flat, group=self.bucket_groups[i], async_op=True)))
 
-    @torch.no_grad()
-    def finish(self) -> None:
-        """Launches what backward did not, waits for every bucket, writes the sums back, divides by W."""
+    def launch_remaining(self) -> None:
+        """Sends the buckets backward did not (call right after the armed backward)."""
         self.armed = False
         while len(self.in_flight) < len(self.buckets):
             self._launch(len(self.in_flight))
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Waits for every bucket, writes the sums back, divides by W."""
+        self.launch_remaining()
         for bucket, (flat, work) in zip(self.buckets, self.in_flight):
             work.wait()
             for p, synced in zip(bucket, flat.split([p.numel() for p in bucket])):
