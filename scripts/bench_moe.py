@@ -61,9 +61,12 @@ from moe_dist import MoELayer
 
 SHAPE_A = {"dim": 256, "hidden": 1024, "num_experts": 8, "top_k": 2}  # also C and D
 SHAPE_B = {"dim": 256, "hidden": 256, "num_experts": 64, "top_k": 8}  # fine-grained
+CHUNKS = 2  # the chunked EP pipeline variant of the dropless cases (model.moe.overlap_chunks)
 
 
-def build_cases(letters: list[str], *, tokens: int, capacity_factor: float, world: int) -> list[Case]:
+def build_cases(
+    letters: list[str], *, tokens: int, capacity_factor: float, world: int, rt_ep: int
+) -> list[Case]:
     """A and B at equal capacity factor and dropless; C Zipf-skewed dropless; D (world 4) EP x DP dropless."""
     cf, cases = capacity_factor, []
     for letter in letters:
@@ -76,7 +79,7 @@ def build_cases(letters: list[str], *, tokens: int, capacity_factor: float, worl
                     **shape,
                     capacity_factor=None,
                     routing="uniform-ish",
-                    loop_variant=letter == "A",
+                    chunks_variant=CHUNKS if rt_ep > 1 else 0,
                 )
             )
         elif letter == "C":
@@ -180,11 +183,11 @@ def measure_case(rt: Runtime, case: Case, args: argparse.Namespace) -> dict:
         with torch.no_grad():
             md.router.weight[:, 0] = bias_E
     impls = [Impl("moe_dist", md, make_step(rt, md, x, g, grad_sync=case.grad_sync))]
-    if case.loop_variant:
-        loop = build_moe_dist(case, rt, grouped_mm="off", bias_E=bias_E)
-        impls.append(
-            Impl("moe_dist_grouped_mm_off", loop, make_step(rt, loop, x, g, grad_sync=case.grad_sync))
+    if case.chunks_variant > 1:
+        chunked = build_moe_dist(
+            case, rt, grouped_mm="auto", bias_E=bias_E, overlap_chunks=case.chunks_variant
         )
+        impls.append(Impl("moe_dist_chunks", chunked, make_step(rt, chunked, x, g, grad_sync=case.grad_sync)))
     dsl = build_deepspeed(case, rt, md)
     impls.append(Impl("deepspeed", dsl, make_step(rt, dsl, x, g, grad_sync=case.grad_sync)))
 
@@ -265,6 +268,10 @@ def measure_case(rt: Runtime, case: Case, args: argparse.Namespace) -> dict:
     fwd_flops = impls[0].kept_copies / rt.world * case.flops_per_copy() / 3
     phases["expert_gemm_at_floor"] = fwd_flops / floors["gemm_flops_per_s"]
     result["moe_dist"]["phases_fwd_s"] = phases
+    if "moe_dist_chunks" in result:
+        # Exchange time of a plain step, fwd+bwd: twice the forward's (barrier-separated) all-to-all time.
+        saved = result["moe_dist"]["median_s"] - result["moe_dist_chunks"]["median_s"]
+        result["moe_dist_chunks"]["exchange_hidden_fraction"] = saved / (2 * phases["exchange"])
     return result
 
 
@@ -295,7 +302,9 @@ def main() -> None:
     rt = init_runtime(ep=args.ep, num_experts=8)
     ds = load_deepspeed(rt)
     t_start, loadavg_start = time.perf_counter(), os.getloadavg()[0]
-    cases = build_cases(letters, tokens=args.tokens, capacity_factor=args.capacity_factor, world=rt.world)
+    cases = build_cases(
+        letters, tokens=args.tokens, capacity_factor=args.capacity_factor, world=rt.world, rt_ep=rt.mesh.ep
+    )
     results = []
     for case in cases:
         results.append(measure_case(rt, case, args))

@@ -461,3 +461,21 @@ def test_layer_on_empty_input(cf):
     assert (layer.stats.aux_loss.item(), layer.stats.z_loss.item()) == (0.0, 0.0)
     for name, p in layer.named_parameters():
         assert p.grad is not None and p.grad.abs().max().item() == 0.0, name
+
+
+def test_layer_under_bf16_autocast_keeps_fp32_output_and_gradients():
+    """Autocast: rows cross the exchange and the experts in bf16, the combine sums in fp32 (CPU autocast here;
+    the same code runs under CUDA autocast)."""
+    layer = build_layer(2, None, 1, "softmax", "off")
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, D)
+    x1 = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x1)
+    y.float().sum().backward()
+    x2 = x.clone().requires_grad_(True)
+    y_ref, _, _ = reference_forward(layer, x2)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, atol=0.1, rtol=0.05)  # bf16 rounding of rows and weights
+    assert x1.grad.dtype == torch.float32 and layer.experts.w_gate_up.grad.dtype == torch.float32
+    assert x1.grad.abs().max() > 0 and layer.experts.w_down.grad.abs().max() > 0
