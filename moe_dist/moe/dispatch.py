@@ -136,6 +136,15 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _blocks(rows_MD: torch.Tensor) -> list[slice]:
+    """Row blocks of COMBINE_BLOCK_BYTES on CPU (temporaries stay in cache); one block on GPUs."""
+    M = rows_MD.shape[0]
+    if rows_MD.device.type != "cpu":
+        return [slice(0, M)]
+    block = max(1, COMBINE_BLOCK_BYTES // (4 * max(1, rows_MD.shape[1])))
+    return [slice(s, s + block) for s in range(0, M, block)]
+
+
 class _WeightedSum(torch.autograd.Function):
     """out_TD[t] = Σ over the kept copies m of token t of weights_M[m] · y_MD[m], accumulated in fp32 (fp64
     for fp64 rows).
@@ -147,12 +156,9 @@ class _WeightedSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y_MD, weights_M, token_idx_M, num_tokens: int):
-        M, D = y_MD.shape
         dtype = accumulate_dtype(y_MD.dtype)
-        out_TD = y_MD.new_zeros((num_tokens, D), dtype=dtype)
-        block = max(1, COMBINE_BLOCK_BYTES // (4 * D)) if y_MD.device.type == "cpu" else max(M, 1)
-        for s in range(0, M, block):
-            rows = slice(s, s + block)
+        out_TD = y_MD.new_zeros((num_tokens, y_MD.shape[1]), dtype=dtype)
+        for rows in _blocks(y_MD):
             out_TD.index_add_(0, token_idx_M[rows], y_MD[rows].to(dtype) * weights_M[rows, None].to(dtype))
         ctx.save_for_backward(y_MD, weights_M, token_idx_M)
         return out_TD
@@ -168,8 +174,11 @@ class _WeightedSum(torch.autograd.Function):
             out=new_rows(grad_TD, (token_idx_M.shape[0], grad_TD.shape[1]), dtype=dtype),
         )
         grad_weights = None
-        if ctx.needs_input_grad[1]:
-            grad_weights = torch.linalg.vecdot(grad_MD, y_MD.to(dtype)).to(weights_M.dtype)
+        if ctx.needs_input_grad[1]:  # row-wise dot products, a block at a time (no [M, D] temporary)
+            grad_weights = weights_M.new_empty(weights_M.shape, dtype=dtype)
+            for rows in _blocks(y_MD):
+                torch.sum(grad_MD[rows] * y_MD[rows].to(dtype), dim=-1, out=grad_weights[rows])
+            grad_weights = grad_weights.to(weights_M.dtype)
         grad_y = (
             grad_MD.mul_(weights_M[:, None].to(dtype)).to(y_MD.dtype) if ctx.needs_input_grad[0] else None
         )

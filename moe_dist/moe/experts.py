@@ -31,6 +31,16 @@ def _pairs(segments: list[tuple[int, int]]) -> Iterator[tuple[slice, slice]]:
         offset += n
 
 
+def _expert_rows(rows_RX: torch.Tensor, segments: list[list[tuple[int, int]]]) -> list[torch.Tensor]:
+    """Per local expert, its block of an expert-major buffer (as many rows as its segments hold)."""
+    blocks, start = [], 0
+    for segs in segments:
+        n = sum(m for _, m in segs)
+        blocks.append(rows_RX[start : start + n])
+        start += n
+    return blocks
+
+
 def _sum_tn(a: torch.Tensor, a_rows, b: torch.Tensor, b_rows, *, out: torch.Tensor) -> None:
     """out = Σ over segments of a[rows]ᵀ @ b[rows] (a weight gradient; summed segment by segment)."""
     for i, (ra, rb) in enumerate(zip(a_rows, b_rows)):
@@ -44,41 +54,37 @@ class _SegmentSwiGLU(torch.autograd.Function):
     """SwiGLU experts that read their input rows from, and write their output rows to, the segments where
     the exchange put them: each projection runs per segment into a slice of one buffer (``out=``), so the
     (source rank, local expert) order needs no reorder copy in either direction. Backward is written out:
-    it keeps only the gate/up rows and recomputes silu(gate)·up from them."""
+    it keeps only the gate/up rows (one expert-major buffer) and recomputes silu(gate)·up from them."""
 
     @staticmethod
     def forward(ctx, x_RD, w_gate_up, w_down, segments):
         hidden = w_down.shape[1]
         y_RD = new_rows(x_RD, (x_RD.shape[0], w_down.shape[2]))
-        saved = []
-        for expert, segs in enumerate(segments):
+        h_R2F = new_rows(x_RD, (x_RD.shape[0], 2 * hidden))  # gate/up rows, expert-major, kept for backward
+        for expert, (segs, h_n2F) in enumerate(zip(segments, _expert_rows(h_R2F, segments))):
             if not segs:
                 continue
-            h_n2F = x_RD.new_empty((sum(n for _, n in segs), 2 * hidden))
             for rows, dense in _pairs(segs):
                 torch.mm(x_RD[rows], w_gate_up[expert], out=h_n2F[dense])
             act_nF = F.silu(h_n2F[:, :hidden]).mul_(h_n2F[:, hidden:])
             for rows, dense in _pairs(segs):
                 torch.mm(act_nF[dense], w_down[expert], out=y_RD[rows])
-            saved.append(h_n2F)
         ctx.segments = segments
-        ctx.save_for_backward(x_RD, w_gate_up, w_down, *saved)
+        ctx.save_for_backward(x_RD, w_gate_up, w_down, h_R2F)
         return y_RD
 
     @staticmethod
     def backward(ctx, grad_y_RD):
-        x_RD, w_gate_up, w_down, *saved = ctx.saved_tensors
+        x_RD, w_gate_up, w_down, h_R2F = ctx.saved_tensors
         hidden = w_down.shape[1]
         dy_RD = grad_y_RD.contiguous()
         dx_RD = new_rows(x_RD, x_RD.shape)  # every row belongs to one segment, so every row is written
         dw_gate_up, dw_down = torch.empty_like(w_gate_up), torch.empty_like(w_down)
-        h_iter = iter(saved)
-        for expert, segs in enumerate(ctx.segments):
+        for expert, (segs, h_n2F) in enumerate(zip(ctx.segments, _expert_rows(h_R2F, ctx.segments))):
             if not segs:
                 dw_gate_up[expert].zero_()
                 dw_down[expert].zero_()
                 continue
-            h_n2F = next(h_iter)
             gate_nF, up_nF = h_n2F[:, :hidden], h_n2F[:, hidden:]
             silu_nF = F.silu(gate_nF)
             rows = [r for r, _ in _pairs(segs)]
