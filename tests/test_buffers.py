@@ -51,3 +51,16 @@ def test_size_classes_leave_at_most_a_fifth_unused():
     for nbytes in [MIN_BYTES, 33 << 20, 100 << 20, 1 << 30]:
         capacity = buffers._size_class(nbytes)
         assert nbytes <= capacity <= 1.2 * nbytes + HUGE_PAGE
+
+
+def test_stats_count_the_bytes_in_use_and_their_peak():
+    like = torch.zeros(1)
+    base = buffers.cache_stats(reset_peak=True)["used_bytes"]
+    a, b = new_rows(like, (ROWS, DIM)), new_rows(like, (ROWS, DIM))
+    nbytes = a.nbytes
+    assert buffers.cache_stats()["used_bytes"] - base >= 2 * nbytes
+    del a, b
+    stats = buffers.cache_stats()
+    assert stats["used_bytes"] == base
+    assert stats["peak_used_bytes"] >= base + 2 * nbytes
+    assert stats["reserved_bytes"] >= 2 * nbytes  # free mappings stay with the process for reuse

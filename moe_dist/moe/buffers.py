@@ -29,6 +29,7 @@ class _Cache:
     def __init__(self) -> None:
         self.free: list[tuple[int, mmap.mmap]] = []  # (capacity, mapping), most recently used last
         self.used: list[tuple[int, mmap.mmap]] = []
+        self.peak_used_bytes = 0  # high-water mark of the capacity in use (see cache_stats)
 
     def take(self, nbytes: int) -> mmap.mmap:
         self._collect()
@@ -42,6 +43,7 @@ class _Cache:
                 mapping.madvise(mmap.MADV_HUGEPAGE)  # advice only: a refusal changes nothing
             entry = (capacity, mapping)
         self.used.append(entry)
+        self.peak_used_bytes = max(self.peak_used_bytes, sum(c for c, _ in self.used))
         return entry[1]
 
     def _collect(self) -> None:
@@ -60,6 +62,21 @@ def _size_class(nbytes: int) -> int:
 
 
 _CACHE = _Cache()
+
+
+def cache_stats(*, reset_peak: bool = False) -> dict[str, int]:
+    """Bytes of the row-buffer cache: in use now, the most in use at once (since the last reset), and held
+    from the system (in use + free). Memory measured through torch's allocator does not include them."""
+    _CACHE._collect()
+    used = sum(c for c, _ in _CACHE.used)
+    stats = {
+        "used_bytes": used,
+        "peak_used_bytes": max(_CACHE.peak_used_bytes, used),
+        "reserved_bytes": used + sum(c for c, _ in _CACHE.free),
+    }
+    if reset_peak:
+        _CACHE.peak_used_bytes = used
+    return stats
 
 
 def new_rows(like: torch.Tensor, shape: tuple[int, ...], *, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ combine:  the mirror: all_to_all back → Σ_k gate·y into fp32 rows in one fus
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -260,7 +261,7 @@ class Plan:
     def kept_E(self) -> torch.Tensor:
         return self.kept_CE.sum(dim=0) if self.kept_CE.shape[0] > 1 else self.kept_CE[0]
 
-    @property
+    @functools.cached_property
     def counts_PE(self) -> list[list[int]] | None:
         """Kept copies per (EP rank, global expert), all chunks together (host)."""
         if self.counts_PCE is None:
