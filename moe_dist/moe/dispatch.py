@@ -133,7 +133,7 @@ COMBINE_BLOCK_BYTES = 1 << 20  # CPU: gate-weighted rows are formed this many by
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32, or fp64 for fp64 inputs: the dtype gate weights and the combine's sums are kept in."""
+    """fp32, or fp64 for fp64 gate weights: the dtype the combine sums in."""
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -147,8 +147,8 @@ def _blocks(rows_MD: torch.Tensor) -> list[slice]:
 
 
 class _WeightedSum(torch.autograd.Function):
-    """out_TD[t] = Σ over the kept copies m of token t of weights_M[m] · y_MD[m], accumulated in fp32 (fp64
-    for fp64 rows).
+    """out_TD[t] = Σ over the kept copies m of token t of weights_M[m] · y_MD[m], summed in the gate weights'
+    dtype (fp32; fp64 for fp64 weights).
 
     One fused pass: on CPU the weighted rows are formed a cache-sized block at a time and added straight into
     the output, so no [M, D] temporary exists; backward gathers the output gradient once, takes the gate
@@ -157,39 +157,31 @@ class _WeightedSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y_MD, weights_M, token_idx_M, num_tokens: int):
-        dtype = accumulate_dtype(y_MD.dtype)
-        out_TD = y_MD.new_zeros((num_tokens, y_MD.shape[1]), dtype=dtype)
+        out_TD = y_MD.new_zeros((num_tokens, y_MD.shape[1]), dtype=weights_M.dtype)
         for rows in _blocks(y_MD):
-            out_TD.index_add_(0, token_idx_M[rows], y_MD[rows].to(dtype) * weights_M[rows, None].to(dtype))
+            out_TD.index_add_(0, token_idx_M[rows], y_MD[rows].to(weights_M.dtype) * weights_M[rows, None])
         ctx.save_for_backward(y_MD, weights_M, token_idx_M)
         return out_TD
 
     @staticmethod
     def backward(ctx, grad_TD):
         y_MD, weights_M, token_idx_M = ctx.saved_tensors
-        dtype = accumulate_dtype(y_MD.dtype)
-        grad_MD = torch.index_select(
-            grad_TD.to(dtype),
-            0,
-            token_idx_M,
-            out=new_rows(grad_TD, (token_idx_M.shape[0], grad_TD.shape[1]), dtype=dtype),
-        )
+        dtype = weights_M.dtype
+        grad_MD = new_rows(grad_TD, (token_idx_M.shape[0], grad_TD.shape[1]), dtype=dtype)
+        torch.index_select(grad_TD.to(dtype), 0, token_idx_M, out=grad_MD)
         grad_weights = None
         if ctx.needs_input_grad[1]:  # row-wise dot products, a block at a time (no [M, D] temporary)
-            grad_weights = weights_M.new_empty(weights_M.shape, dtype=dtype)
+            grad_weights = torch.empty_like(weights_M)
             for rows in _blocks(y_MD):
                 torch.sum(grad_MD[rows] * y_MD[rows].to(dtype), dim=-1, out=grad_weights[rows])
-            grad_weights = grad_weights.to(weights_M.dtype)
-        grad_y = (
-            grad_MD.mul_(weights_M[:, None].to(dtype)).to(y_MD.dtype) if ctx.needs_input_grad[0] else None
-        )
+        grad_y = grad_MD.mul_(weights_M[:, None]).to(y_MD.dtype) if ctx.needs_input_grad[0] else None
         return grad_y, grad_weights, None, None
 
 
 def weighted_sum(
     y_MD: torch.Tensor, weights_M: torch.Tensor, token_idx_M: torch.Tensor, *, num_tokens: int
 ) -> torch.Tensor:
-    """Rows [T, D] in fp32 (fp64 for fp64 rows): Σ over kept copies of gate · expert output."""
+    """Rows [T, D] in the gate weights' dtype: Σ over kept copies of gate · expert output."""
     return _WeightedSum.apply(y_MD, weights_M, token_idx_M, num_tokens)
 
 
@@ -451,8 +443,8 @@ class TokenDispatcher:
         return Dispatched(x_RD, rows, plan.num_dropped, plan, state)
 
     def combine(self, y_RD: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
-        """Reverse of dispatch; returns rows [T, D] = Σ over kept copies of gate · expert output, in fp32
-        (fp64 for fp64 rows)."""
+        """Reverse of dispatch; returns rows [T, D] = Σ over kept copies of gate · expert output, summed in
+        the gate weights' dtype (fp32; fp64 for fp64 weights)."""
         y_MD = y_RD if dispatched.round is None else self.exchange_out(y_RD, dispatched.round)
         plan = dispatched.plan
         return weighted_sum(y_MD, plan.weights_M, plan.token_idx_M, num_tokens=plan.num_tokens)
