@@ -11,6 +11,8 @@ Each gradient then equals the single-device gradient of the global-mean loss.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -135,6 +137,7 @@ class OverlappedGradSync:
         self.waiting = [len(b) for b in self.buckets]  # parameters not yet ready, per bucket
         self.in_flight: list[tuple[torch.Tensor, dist.Work]] = []
         self.launched_in_backward = 0  # buckets that went out before finish(): what can overlap
+        self.wait_s = 0.0  # host seconds finish() spent waiting for the all-reduces (exposed communication)
 
     def arm(self) -> None:
         """The next backward is the step's last: reduce while it runs."""
@@ -175,17 +178,21 @@ class OverlappedGradSync:
     def finish(self) -> None:
         """Waits for every bucket, writes the sums back, divides by W."""
         self.launch_remaining()
+        world = self.mesh.world_size
         for bucket, (flat, work) in zip(self.buckets, self.in_flight):
+            start = time.perf_counter()
             work.wait()
+            self.wait_s += time.perf_counter() - start
             for p, synced in zip(bucket, flat.split([p.numel() for p in bucket])):
-                p.grad.copy_(synced.view_as(p))
-        grads = []
+                torch.div(synced.view_as(p), world, out=p.grad)  # written back and divided in one pass
+        unreduced = []  # no collective for them (see __init__), still the same semantics
         for p in self.params:
-            if p.grad is None:  # no collective for it (see __init__), still the same semantics
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        if self.mesh.world_size != 1 and grads:
-            torch._foreach_div_(grads, self.mesh.world_size)
+            if id(p) not in self.bucket_of:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                unreduced.append(p.grad)
+        if unreduced:
+            torch._foreach_div_(unreduced, world)
         self.in_flight = []
 
 
