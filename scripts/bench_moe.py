@@ -5,12 +5,14 @@
 Both implementations run in one process group on the same inputs with the same router and expert weights.
 A step is fwd+bwd of ``loss = Σ(y·g) + 0.01·aux`` for a fixed random ``g`` (the input needs a gradient too);
 the ranks meet at a barrier before every timed step, a step's time is the slowest rank's, and the two
-implementations alternate step by step so that both see the same machine. In the same run the script
-measures the floors: dense GEMM FLOP/s at the experts' shapes and all_to_all_single bandwidth at the
-layer's dispatch size.
+implementations alternate step by step so that both see the same machine. The dropless cases also time
+moe_dist with the chunked EP pipeline (model.moe.overlap_chunks=2) and report the fraction of the exchange
+it hides. In the same run the script measures the floors: dense GEMM FLOP/s at the experts' shapes and
+all_to_all_single bandwidth at the layer's dispatch size.
 
 CPU / gloo: fp32; peak memory is the peak of cumulative allocated bytes over one step, from the memory
-events of ``torch.profiler.profile(profile_memory=True)``. CUDA / NCCL (same script, unchanged): bf16
+events of ``torch.profiler.profile(profile_memory=True)``, plus the peak of moe_dist's row-buffer cache
+(not torch allocations; the sum is an upper bound). CUDA / NCCL (same script, unchanged): bf16
 autocast, ``torch.cuda.synchronize`` around every timer, peak memory from ``torch.cuda.max_memory_allocated``.
 Both count bytes allocated during the step (activations, temporaries, gradients), not the weights.
 
