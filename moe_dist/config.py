@@ -57,6 +57,7 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel degree; world_size / ep ranks replicate each expert shard (EDP)
     backend: str = "auto"  # "auto" = nccl when CUDA is available, else gloo
     timeout_s: float | None = None  # collective timeout; None = 600 s on NCCL, 300 s on gloo
+    allow_gloo_on_cuda: bool = False  # accept backend=gloo on a CUDA run (GPU tensors through gloo)
 
 
 @dataclass
@@ -101,6 +102,7 @@ class TrainerConfig:
     progress_bar: bool = True
     peak_tflops: float | None = None  # device peak for MFU; null: known GPUs' bf16 peak, CPU: measured GEMM
     compile: bool = False  # torch.compile each transformer block (regional); the MoE exchange stays eager
+    async_checkpoint: bool = False  # write checkpoints in the background (stall: one copy to host memory)
 
 
 @dataclass

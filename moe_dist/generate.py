@@ -117,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from moe_dist.distributed import env_world_size, init_distributed, teardown_distributed
+    from moe_dist.distributed import choose_device, env_world_size, init_distributed, teardown_distributed
     from moe_dist.parallel.mesh import build_mesh
 
     args = parse_args(argv)
@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         ep = args.ep if args.ep is not None else (saved_ep if world % saved_ep == 0 else 1)
         validate_layout(world_size=world, ep=ep, num_experts=mcfg.moe.num_experts)
         prompt = list(args.prompt.encode("utf-8")) or [ord("\n")]
-        use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        device = init_distributed(backend="nccl" if use_cuda else "gloo")
+        device_type, backend = choose_device(device=args.device)
+        device = init_distributed(device_type=device_type, backend=backend)
         mesh = build_mesh(ep=ep, num_experts=mcfg.moe.num_experts)
         model, _ = load_model(path, mesh=mesh, device=device)
     except ValueError as err:

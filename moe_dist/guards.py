@@ -28,6 +28,7 @@ class Watchdog:
         Watchdog.latest = self
         self.limit_s, self.rank = limit_s, rank
         self.step, self.name, self.since = 0, "start-up", None
+        self.background_tasks: dict[int, str] = {}  # what background threads run (named in errors, not timed)
         threading.Thread(target=self._watch, name="moe_dist-watchdog", daemon=True).start()
 
     @contextlib.contextmanager
@@ -38,8 +39,21 @@ class Watchdog:
         finally:
             self.since = None
 
+    @contextlib.contextmanager
+    def background(self, name: str) -> Iterator[None]:
+        """Names work of a background thread (an asynchronous checkpoint save) in error messages. Not timed
+        here: its collectives run on a group with its own timeout, and whoever waits for it is watched."""
+        key = threading.get_ident()
+        self.background_tasks[key] = name
+        try:
+            yield
+        finally:
+            self.background_tasks.pop(key, None)
+
     def describe(self) -> str:
-        return f"rank {self.rank}, step {self.step}, during {self.name}"
+        where = f"rank {self.rank}, step {self.step}, during {self.name}"
+        tasks = list(self.background_tasks.values())
+        return where + (f" (in the background: {'; '.join(tasks)})" if tasks else "")
 
     def _watch(self) -> None:
         while True:

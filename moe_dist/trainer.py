@@ -17,10 +17,23 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from moe_dist.checkpoint import load_checkpoint, save_checkpoint, select_checkpoint, validate_resume
+from moe_dist.checkpoint import (
+    Checkpointer,
+    checkpoint_group,
+    load_checkpoint,
+    model_state,
+    select_checkpoint,
+    validate_resume,
+)
 from moe_dist.config import Config, validate
 from moe_dist.data import TokenSplits, load_tokens, rank_batch
-from moe_dist.distributed import broadcast_json, collective_timeout_s, env_world_size, init_distributed
+from moe_dist.distributed import (
+    broadcast_json,
+    choose_device,
+    collective_timeout_s,
+    env_world_size,
+    init_distributed,
+)
 from moe_dist.engines import Engine, build_engine, validate_engine
 from moe_dist.guards import CollapseDetector, NonFiniteGuard, Watchdog
 from moe_dist.metrics import MetricsLogger, truncate_metrics
@@ -65,17 +78,19 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return seed * 1_000_003 + step * 65_537 + rank
 
 
-def resolve_device(cfg: Config) -> torch.device:
-    want = cfg.trainer.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+def run_device(cfg: Config) -> tuple[str, str]:
+    """(device type, backend) of the run: trainer.device and parallel.backend checked against this machine."""
+    p = cfg.parallel
+    return choose_device(
+        device=cfg.trainer.device, backend=p.backend, allow_gloo_on_cuda=p.allow_gloo_on_cuda
+    )
 
 
 def validate_run(cfg: Config, *, world_size: int) -> None:
-    """Every check of a run config, before any collective or file write: the schema (config.py), the chosen
-    engine's own config, and the checkpoint to resume from."""
+    """Every check of a run config, before any collective or file write: the schema (config.py), the device
+    and backend on this machine, the chosen engine's own config, and the checkpoint to resume from."""
     validate(cfg, world_size=world_size)
+    run_device(cfg)
     validate_engine(cfg.engine, cfg.trainer, world_size=world_size)
     validate_resume(cfg.trainer.resume)
 
@@ -191,6 +206,10 @@ class Run:
     stats: StepStats
     nonfinite: NonFiniteGuard
     collapse: CollapseDetector
+    timeout_s: float  # collective timeout of the run's backend
+    checkpoint_group: (
+        dist.ProcessGroup | None
+    )  # gloo group for checkpoint traffic (None without a process group)
 
 
 def build_run(cfg: Config) -> Run:
@@ -199,16 +218,16 @@ def build_run(cfg: Config) -> Run:
     validate_run(cfg, world_size=world_size)  # user errors surface here, before any collective or file write
     t, mcfg = cfg.trainer, cfg.model
     data = load_tokens(cfg.data, vocab_size=mcfg.vocab_size, seq_len=mcfg.seq_len)
-    device = resolve_device(cfg)
-    backend = cfg.parallel.backend
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
-    device = init_distributed(backend=backend, timeout_s=cfg.parallel.timeout_s)
+    device_type, backend = run_device(cfg)
+    timeout_s = collective_timeout_s(backend, cfg.parallel.timeout_s)
+    device = init_distributed(device_type=device_type, backend=backend, timeout_s=timeout_s)
     mesh = build_mesh(ep=cfg.parallel.ep, num_experts=mcfg.moe.num_experts)
     model = build_model(cfg, mesh, device)
     if t.compile:
         model.compile_blocks()
     engine = build_engine(model, engine=cfg.engine, trainer=t, mesh=mesh)
+    # After the engine: DeepSpeed starts a process group of its own in a world of 1.
+    ckpt_group = checkpoint_group(timeout_s=timeout_s)
     moe_names = [name for name, m in model.named_modules() if isinstance(m, MoELayer)]
     return Run(
         cfg=cfg,
@@ -225,6 +244,8 @@ def build_run(cfg: Config) -> Run:
         collapse=CollapseDetector(
             moe_names, mcfg.moe.num_experts, warn_after=t.collapse_warn_steps, device=device
         ),
+        timeout_s=timeout_s,
+        checkpoint_group=ckpt_group,
     )
 
 
@@ -302,18 +323,10 @@ def evaluate(run: Run) -> float:
     return (total[0] / total[1]).item()
 
 
-def _select_resume(cfg: Config, out_dir: Path, mesh: Mesh) -> tuple[str | None, list[str]]:
-    """Rank 0 picks (and verifies) the checkpoint; every rank gets the same answer or the same error."""
-    choice = {"path": None, "warnings": [], "error": None}
-    if mesh.rank == 0:
-        try:
-            choice["path"], choice["warnings"] = select_checkpoint(cfg.trainer.resume, out_dir)
-        except ValueError as err:
-            choice["error"] = str(err)
-    choice = broadcast_json(choice)
-    if choice["error"]:
-        raise ValueError(choice["error"])
-    return choice["path"], choice["warnings"]
+def training_state(run: Run) -> dict:
+    """What a checkpoint holds, in the global layout, aliasing the live state: the model's buffers and the
+    engine's fp32 masters and AdamW slots (only the pieces this rank holds)."""
+    return model_state(run.model, run.mesh) | run.engine.checkpoint_state()
 
 
 def _checkpoint_meta(run: Run) -> dict:
@@ -322,6 +335,7 @@ def _checkpoint_meta(run: Run) -> dict:
         "seed": run.cfg.trainer.seed,
         "data": run.data.description,
         "engine": run.cfg.engine.name,
+        "ep": run.mesh.ep,
     }
 
 
@@ -329,9 +343,15 @@ class Cadence:
     """What happens between steps on a schedule: the log line and record, eval, and checkpoints."""
 
     def __init__(
-        self, run: Run, *, out_dir: Path, logger: MetricsLogger, watchdog: Watchdog, start_step: int
+        self,
+        run: Run,
+        *,
+        checkpointer: Checkpointer,
+        logger: MetricsLogger,
+        watchdog: Watchdog,
+        start_step: int,
     ):
-        self.run, self.out_dir, self.logger, self.watchdog = run, out_dir, logger, watchdog
+        self.run, self.checkpointer, self.logger, self.watchdog = run, checkpointer, logger, watchdog
         t = run.cfg.trainer
         self.last_step = t.stop_at_step or t.max_steps
         self.tokens_per_step = t.global_batch_size * run.cfg.model.seq_len
@@ -370,18 +390,42 @@ class Cadence:
             self.logger.log({"step": step, "val_loss": val_loss})
             self.logger.console(f"step {step:>6} | val_loss {val_loss:.4f}")
             self.logger.log_expert_heatmap(step, self.last_load)
+        self.report_completed_saves(step)
         if (t.ckpt_every and step % t.ckpt_every == 0) or step == self.last_step:
-            with self.watchdog.phase(step, "checkpoint save (barriers around the DCP write)"):
-                path = save_checkpoint(
-                    self.out_dir,
-                    step=step,
-                    model=self.run.model,
-                    optimizer_slots=self.run.engine.optimizer_slots(),
-                    mesh=self.run.mesh,
-                    meta=_checkpoint_meta(self.run),
-                    keep=t.keep_checkpoints,
-                )
-            self.logger.console(f"step {step:>6} | checkpoint {path}")
+            self.save(step)
+
+    def save(self, step: int) -> None:
+        """A checkpoint of this step; its stall (the time training waits for it) goes to metrics.jsonl."""
+        if self.checkpointer.is_async:
+            phase = "checkpoint save (previous background save to finish, copy to host memory)"
+        else:
+            phase = "checkpoint save (DCP write with sha256 per rank, digest gather, rename)"
+        with self.watchdog.phase(step, phase):
+            report = self.checkpointer.save(step, training_state(self.run), meta=_checkpoint_meta(self.run))
+        self.report_completed_saves(step)
+        self.logger.log(
+            {"step": step, "checkpoint_stall_s": report.stall_s, "checkpoint_async": report.is_async}
+        )
+        detail = "written in the background" if report.is_async else "complete"
+        self.logger.console(
+            f"step {step:>6} | checkpoint {report.path} ({detail}, stall {report.stall_s:.2f} s)"
+        )
+
+    def report_completed_saves(self, step: int) -> None:
+        """Background saves that completed since the last call (an error in one is raised here)."""
+        self.checkpointer.poll()
+        for done in self.checkpointer.completed:
+            self.logger.log(
+                {
+                    "step": step,
+                    "checkpoint_completed_step": done["step"],
+                    "checkpoint_write_s": done["write_s"],
+                }
+            )
+            self.logger.console(
+                f"step {step:>6} | checkpoint of step {done['step']} complete ({done['write_s']:.2f} s in the background)"
+            )
+        self.checkpointer.completed.clear()
 
     def log(self, step: int, result: StepResult) -> None:
         """One record (metrics.jsonl, wandb) and one console line; host reads of the step's statistics."""
@@ -412,26 +456,27 @@ class Cadence:
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.last_load = record["expert_load"]
 
-    def close(self) -> None:
+    def close(self, step: int) -> None:
+        with self.watchdog.phase(step, "waiting for the background checkpoint save to complete"):
+            self.checkpointer.close()
+        self.report_completed_saves(step)
         self.bar.close()
         self.logger.close()
 
 
 def _resume(run: Run, out_dir: Path, watchdog: Watchdog) -> tuple[int, str | None, list[str]]:
-    """(start step, checkpoint path or None, warnings): loads the checkpoint that trainer.resume selects."""
-    path, warnings = _select_resume(run.cfg, out_dir, run.mesh)
+    """(start step, checkpoint path or None, warnings): verifies (each rank a share of the files) and loads
+    the checkpoint that trainer.resume selects; every rank gets the same answer or the same error."""
+    with watchdog.phase(0, "verifying checkpoints (each rank hashes its share of the files)"):
+        path, warnings = select_checkpoint(run.cfg.trainer.resume, out_dir, group=run.checkpoint_group)
     if path is None:
         return 0, None, warnings
-    with watchdog.phase(0, f"loading checkpoint {path}"):
-        slots = run.engine.optimizer_slots()
+    with watchdog.phase(0, f"loading checkpoint {path} (each rank reads the pieces it holds)"):
+        state = training_state(run)
         meta = load_checkpoint(
-            path,
-            model=run.model,
-            optimizer_slots=slots,
-            mesh=run.mesh,
-            model_cfg=dataclasses.asdict(run.cfg.model),
+            path, state=state, model_cfg=dataclasses.asdict(run.cfg.model), group=run.checkpoint_group
         )
-        run.engine.load_optimizer_slots(slots)
+        run.engine.after_checkpoint_load(state)
     return meta["step"], path, warnings
 
 
@@ -439,8 +484,7 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
     """Runs (or resumes) training; returns the run directory. Every rank calls it."""
     run = build_run(cfg)
     t, mesh = cfg.trainer, run.mesh
-    timeout_s = collective_timeout_s(cfg.parallel.backend, cfg.parallel.timeout_s)
-    watchdog = Watchdog(limit_s=timeout_s + max(10.0, 0.1 * timeout_s), rank=mesh.rank)
+    watchdog = Watchdog(limit_s=run.timeout_s + max(10.0, 0.1 * run.timeout_s), rank=mesh.rank)
     out_dir = Path(broadcast_json(str(t.out_dir or default_out_dir)))
     start_step, resume_path, resume_warnings = _resume(run, out_dir, watchdog)
     if mesh.rank == 0:
@@ -451,7 +495,14 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
         out_dir, enabled=mesh.rank == 0, wandb_cfg=cfg.logging.wandb, run_config=dataclasses.asdict(cfg)
     )
     params = count_parameters(run.model)
-    cadence = Cadence(run, out_dir=out_dir, logger=logger, watchdog=watchdog, start_step=start_step)
+    checkpointer = Checkpointer(
+        out_dir,
+        keep=t.keep_checkpoints,
+        is_async=t.async_checkpoint,
+        group=run.checkpoint_group,
+        on_task=watchdog.background,
+    )
+    cadence = Cadence(run, checkpointer=checkpointer, logger=logger, watchdog=watchdog, start_step=start_step)
     logger.console(
         f"moe_dist: world={mesh.world_size} ep={mesh.ep} edp={mesh.edp} device={run.device} | "
         f"params {params['total'] / 1e6:.2f}M total, {params['active'] / 1e6:.2f}M active | "
@@ -467,5 +518,5 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
             return watchdog.phase(step, WATCHDOG_PHASES.get(name, name))
 
         cadence.after_step(step, train_step(run, step, phase=phase))
-    cadence.close()
+    cadence.close(cadence.last_step)
     return out_dir

@@ -9,8 +9,10 @@ the engine imports it, for the CPU here).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,15 @@ import torch
 from harness import spawn_ranks
 from training_runs import TINY, compose_config, run
 
+from moe_dist.checkpoint import (
+    SafeFileSystemReader,
+    checkpoint_group,
+    load_checkpoint,
+    model_state,
+    read_tensors,
+    save_checkpoint,
+    saved_tensors,
+)
 from moe_dist.config import EngineConfig, TrainerConfig
 from moe_dist.engines import build_engine
 from moe_dist.engines.deepspeed import DeepSpeedEngine, deepspeed_config
@@ -25,6 +36,7 @@ from moe_dist.metrics import read_metrics
 from moe_dist.model.build import build_model
 from moe_dist.optim import lr_at
 from moe_dist.parallel.apply import split_parameters
+from moe_dist.parallel.layout import pieces_of
 from moe_dist.parallel.mesh import build_mesh
 from moe_dist.trainer import lm_loss
 
@@ -47,8 +59,31 @@ RUNS = {
     "zero2_ep1": ["parallel.ep=1", *DEEPSPEED, "engine.zero_stage=2"],
     # DeepSpeed bf16 (bf16 parameters, fp32 master partitions): ZeRO-1 with fp32 gradient accumulation runs
     # DeepSpeed's BF16 optimizer, ZeRO-2 its ZeRO optimizer on bf16 gradients. CPU bf16 here, as on CUDA.
-    "bf16_zero1_ep1": ["parallel.ep=1", *DEEPSPEED, "engine.zero_stage=1", *BF16, ACCUMULATE_FP32],
-    "bf16_zero2_ep2": ["parallel.ep=2", *DEEPSPEED, "engine.zero_stage=2", *BF16],
+    "bf16_zero1_ep1": [
+        "parallel.ep=1",
+        *DEEPSPEED,
+        "engine.zero_stage=1",
+        *BF16,
+        ACCUMULATE_FP32,
+        "trainer.ckpt_every=3",
+    ],
+    "bf16_zero2_ep2": ["parallel.ep=2", *DEEPSPEED, "engine.zero_stage=2", *BF16, "trainer.ckpt_every=3"],
+    # The same runs resumed from their step-3 checkpoints (same world, EP and engine).
+    "bf16_zero1_ep1_resumed": [
+        "parallel.ep=1",
+        *DEEPSPEED,
+        "engine.zero_stage=1",
+        *BF16,
+        ACCUMULATE_FP32,
+        "trainer.resume={root}/bf16_zero1_ep1/checkpoints/step_3",
+    ],
+    "bf16_zero2_ep2_resumed": [
+        "parallel.ep=2",
+        *DEEPSPEED,
+        "engine.zero_stage=2",
+        *BF16,
+        "trainer.resume={root}/bf16_zero2_ep2/checkpoints/step_3",
+    ],
     # Cross-engine resume from the step-3 checkpoints above, at the other EP size.
     "native_ep1_from_zero2_ep2": ["parallel.ep=1", "trainer.resume={root}/zero2_ep2/checkpoints/step_3"],
     "zero2_ep1_from_native_ep2": [
@@ -67,6 +102,12 @@ ENGINE_CASES = {  # (ep, engine overrides) for the engine-level checks
     "zero2_ep2": (2, [*DEEPSPEED, "engine.zero_stage=2"]),
 }
 NAN_STEP = 2  # the engine-level trajectory poisons this step's loss: the step must be skipped cleanly
+MEMORY_MODEL = ["model.dim=128", "model.n_heads=4", "model.moe.num_experts=8", "model.moe.expert_hidden=512"]
+MEMORY_CASES = {
+    "native": [],
+    "zero2": [*DEEPSPEED, "engine.zero_stage=2"],
+    "bf16_zero1": [*DEEPSPEED, "engine.zero_stage=1", *BF16, ACCUMULATE_FP32],
+}
 
 
 def memory(engine, model) -> dict[str, int]:
@@ -115,20 +156,104 @@ def engine_trajectory(rank: int, ep: int, overrides: list[str]) -> dict:
         if math.isfinite(norms[-1]):
             engine.step(norm, max_norm=CLIP)
         engine.zero_grad()
-    slots = engine.optimizer_slots()
     return {
         "norms": norms,
         "params": {name: p.detach().float().clone() for name, p in model.named_parameters()},
-        "slots": {name: {k: v.detach().float().clone() for k, v in s.items()} for name, s in slots.items()},
+        "state": held_pieces(engine.checkpoint_state()),
         "memory": memory(engine, model),
         "expert_groups_are_mesh_edp": expert_partition_groups(engine, mesh),
+    }
+
+
+def held_pieces(state: dict) -> dict[str, tuple[tuple[int, ...], list]]:
+    """What this rank hands a checkpoint: global shape and (offsets, copy) of every piece it holds."""
+    out = {}
+    for key, value in state.items():
+        shape, parts = pieces_of(value)
+        out[key] = (shape, [(offsets, t.detach().float().clone()) for offsets, t in parts])
+    return out
+
+
+def assemble(by_rank: list[tuple[tuple[int, ...], list]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global tensor from every rank's pieces, and how many pieces cover each element (replicas count)."""
+    shape = by_rank[0][0]
+    full, cover = torch.zeros(shape, dtype=torch.float32), torch.zeros(shape, dtype=torch.int64)
+    for _, parts in by_rank:
+        for offsets, t in parts:
+            region = tuple(slice(o, o + n) for o, n in zip(offsets, t.shape))
+            full[region], cover[region] = t, cover[region] + 1
+    return full, cover
+
+
+def process_memory(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak since the last reset) of this process, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def peak_above_now(fn) -> int:
+    """Peak resident memory while ``fn`` runs, above the resident memory when it starts (bytes)."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    before = process_memory("VmRSS")
+    fn()
+    return process_memory("VmHWM") - before
+
+
+def checkpoint_memory(rank: int, root: str, overrides: list[str]) -> dict[str, int]:
+    """Peak memory above the live state of one training step, one save and one load (world 2, ep 1), on a
+    model whose parameters dwarf its activations (3.3M parameters, 2x32 tokens per micro-batch)."""
+    cfg = compose_config([*TINY, *MEMORY_MODEL, "trainer.micro_batch_size=2", *overrides])
+    mesh = build_mesh(ep=1, num_experts=cfg.model.moe.num_experts)
+    model = build_model(cfg, mesh, torch.device("cpu"))
+    engine = build_engine(model, engine=cfg.engine, trainer=cfg.trainer, mesh=mesh)
+    group = checkpoint_group()
+    generator = torch.Generator().manual_seed(rank)
+
+    def step() -> None:
+        for micro in range(2):
+            tokens = torch.randint(cfg.model.vocab_size, (2, cfg.model.seq_len + 1), generator=generator)
+            loss = lm_loss(model, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()) + model.moe_loss()
+            engine.backward(loss / 2, last_micro_batch=micro == 1)
+        engine.step(engine.reduce_gradients(), max_norm=CLIP)
+        engine.zero_grad()
+
+    def state() -> dict:
+        return model_state(model, mesh) | engine.checkpoint_state()
+
+    def save() -> None:
+        meta = {"model": dataclasses.asdict(cfg.model)}
+        save_checkpoint(root, step=1, state=state(), meta=meta, keep=1, group=group)
+
+    def load() -> None:
+        loaded = state()
+        load_checkpoint(
+            f"{root}/checkpoints/step_1", state=loaded, model_cfg=dataclasses.asdict(cfg.model), group=group
+        )
+        engine.after_checkpoint_load(loaded)
+
+    step()
+    step()  # every buffer of a step exists now
+    pieces = [t for value in state().values() for _, t in pieces_of(value)[1]]
+    return {
+        "step": peak_above_now(step),
+        "save": peak_above_now(save),
+        "load": peak_above_now(load),
+        "largest_piece": max(t.numel() * t.element_size() for t in pieces),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "held": sum(t.numel() * t.element_size() for t in pieces),
     }
 
 
 def world2_jobs(rank: int, world_size: int, root: str) -> dict:
     for name, overrides in RUNS.items():
         run([*COMMON, *(o.format(root=root) for o in overrides), f"trainer.out_dir={root}/{name}"])
-    return {name: engine_trajectory(rank, ep, overrides) for name, (ep, overrides) in ENGINE_CASES.items()}
+    out = {name: engine_trajectory(rank, ep, overrides) for name, (ep, overrides) in ENGINE_CASES.items()}
+    out["memory"] = {
+        name: checkpoint_memory(rank, f"{root}/memory_{name}", o) for name, o in MEMORY_CASES.items()
+    }
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +261,16 @@ def results(tmp_path_factory) -> tuple[Path, list[dict]]:
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install -e .[deepspeed])")
     root = tmp_path_factory.mktemp("ds_runs")
-    return root, spawn_ranks(2, world2_jobs, str(root))
+    # Large blocks come from mmap and go back to the system when freed, so that resident memory follows what
+    # is allocated and its peak (VmHWM) measures a phase's own allocations.
+    saved, os.environ["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_"), str(1 << 17)
+    try:
+        return root, spawn_ranks(2, world2_jobs, str(root))
+    finally:
+        if saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
 
 
 def records(run_dir: Path) -> dict[int, dict]:
@@ -183,6 +317,49 @@ def test_bf16_zero_follows_native_within_bf16_precision(results, case):
     )
 
 
+@pytest.mark.parametrize("case", ["bf16_zero1_ep1", "bf16_zero2_ep2"])
+def test_bf16_resume_restores_the_fp32_masters_bitwise(results, case):
+    """Checkpoints of a bf16 DeepSpeed run hold its fp32 master weights (not the bf16 model weights), and a
+    run resumed from step 3 ends at step 6 with the very masters and AdamW slots of the uninterrupted run."""
+    root, _ = results
+    uninterrupted = SafeFileSystemReader(str(root / case / "checkpoints" / "step_6"))
+    resumed = SafeFileSystemReader(str(root / f"{case}_resumed" / "checkpoints" / "step_6"))
+    saved = saved_tensors(uninterrupted)
+    masters = [k for k in saved if k.startswith("model.") and not k.endswith("expert_bias")]
+    assert masters and all(saved[k][1] == torch.float32 for k in masters)
+    names = [k for k in saved if k.startswith(("model.", "optim."))]
+    a, b = read_tensors(uninterrupted, names), read_tensors(resumed, names)
+    for name in names:
+        assert torch.equal(a[name], b[name]), f"{name}: max |diff| {(a[name] - b[name]).abs().max():.3e}"
+    # The bf16 model weights are a rounding of the masters: the masters carry more than bf16 holds.
+    assert any(not torch.equal(a[k], a[k].bfloat16().float()) for k in masters)
+    after, before = records(root / f"{case}_resumed"), records(root / case)
+    assert sorted(after) == [4, 5, 6]
+    assert all(after[s]["loss"] == before[s]["loss"] for s in after)
+
+
+def test_save_and_load_memory_stay_within_a_piece_of_the_live_state(results):
+    """Peak memory above the live state, per rank (world 2, ep 1, 3.3M parameters): a save holds at most
+    about one piece beyond what the rank already holds, a checkpoint read about two (the record read and
+    its copy), and a whole resume less than a training step's own transient memory. Gathering full AdamW
+    slots (8 bytes per parameter, as before this layout) would exceed each bound by far."""
+    _, ranks = results
+    mib = 2**20
+    for rank, by_case in enumerate(ranks):
+        for case, m in by_case["memory"].items():
+            print(
+                f"rank {rank} {case}: step {m['step'] / mib:.1f} MiB, save {m['save'] / mib:.1f} MiB, "
+                f"load {m['load'] / mib:.1f} MiB above the live state (largest piece {m['largest_piece'] / mib:.1f} "
+                f"MiB, pieces held {m['held'] / mib:.1f} MiB)"
+            )
+            slack = 2 * mib  # DCP's plans and metadata, the file buffers
+            assert m["save"] <= 2 * m["largest_piece"] + slack, (rank, case, m)
+            assert m["load"] <= max(3 * m["largest_piece"] + slack, m["step"]), (rank, case, m)
+            assert m["save"] < m["step"] and m["load"] < m["step"], (rank, case, m)
+            # What gathering full AdamW slots would add (8 bytes per parameter) is far above the save bound.
+            assert 8 * m["parameters"] > 2 * (2 * m["largest_piece"] + slack)
+
+
 def test_zero0_matches_native(results):
     root, _ = results
     assert_same_run(records(root / "native_ep2"), records(root / "zero0_ep2"), range(1, STEPS + 1))
@@ -213,13 +390,26 @@ def test_engine_level_trajectory_equals_native_through_a_skipped_step(results, c
         for name, p in native["params"].items():
             assert p.shape == zero["params"][name].shape, name  # experts: this rank's EP shard in both
             assert (p - zero["params"][name]).abs().max() < 1e-6, f"rank {rank} {name}"
-        assert native["slots"].keys() == zero["slots"].keys()
-        for name, slots in native["slots"].items():
-            # Two AdamW steps in both: the NaN step was skipped without touching the state.
-            assert float(slots["step"]) == float(zero["slots"][name]["step"]) == 2
-            for key in ("exp_avg", "exp_avg_sq"):
-                got = zero["slots"][name][key]
-                assert got.shape == slots[key].shape and (got - slots[key]).abs().max() < 1e-7, (name, key)
+        for name in native["params"]:  # two AdamW steps in both: the NaN step left no trace
+            assert native["state"][f"optim.{name}.step"][1][0][1].item() == 2
+            assert zero["state"][f"optim.{name}.step"][1][0][1].item() == 2
+
+
+@pytest.mark.parametrize("case", ["zero1_ep1", "zero2_ep1", "zero2_ep2"])
+def test_zero_checkpoint_state_is_its_own_fragments_of_the_global_tensors(results, case):
+    """The masters and slots a ZeRO rank hands a checkpoint are the pieces it owns, no more: over both ranks
+    they tile every global tensor exactly once, and each holds the native engine's values at its place."""
+    _, ranks = results
+    native_case = "native_ep" + case[-1]
+    tensors = [k for k in ranks[0][case]["state"] if not k.endswith(".step")]
+    for key in tensors:
+        native, native_cover = assemble([r[native_case]["state"][key] for r in ranks])
+        zero, zero_cover = assemble([r[case]["state"][key] for r in ranks])
+        assert native_cover.min() >= 1, key
+        assert zero_cover.min() == zero_cover.max() == 1, f"{key}: ZeRO pieces overlap or leave holes"
+        assert (native - zero).abs().max() < 1e-6, key
+    handed_over = sum(t.numel() for r in ranks for k in tensors for _, t in r[case]["state"][k][1])
+    assert handed_over == sum(math.prod(ranks[0][case]["state"][k][0]) for k in tensors)
 
 
 def test_zero_partitions_experts_over_moe_dists_edp_group(results):
@@ -241,7 +431,7 @@ def test_zero2_holds_less_optimizer_state_per_rank(results):
                 f"world 2, ep {ep}, rank {rank}: AdamW state native {native['adam_state']:,} B, "
                 f"ZeRO-2 {zero2['adam_state']:,} B (+ fp32 master partition {zero2['fp32_masters']:,} B)"
             )
-            steps = 4 * len(by_case[f"native_ep{ep}"]["slots"])
+            steps = 4 * len(by_case[f"native_ep{ep}"]["params"])
             assert native["adam_state"] == 8 * (native["dense_numel"] + native["local_expert_numel"]) + steps
             partitioned = 8 * (zero2["dense_numel"] / 2 + zero2["local_expert_numel"] / edp)
             # Above that: one 4-byte step per partition and DeepSpeed's alignment padding.

@@ -48,8 +48,16 @@ def logits_of_hf(path: str | Path, x: torch.Tensor) -> torch.Tensor:
 
 
 def tensors_of(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(path / "model.safetensors", "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    """Every tensor of a model directory: one model.safetensors, or the files its index names."""
+    index = path / "model.safetensors.index.json"
+    files = ["model.safetensors"]
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    out = {}
+    for file in files:
+        with safe_open(path / file, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
+    return out
 
 
 def with_overrides(overrides: dict, base: ModelConfig | None = None) -> ModelConfig:
@@ -179,6 +187,41 @@ def test_import_at_ep2_matches_transformers(world2):
 
 
 # --------------------------------------------------------------------------------------------- world 1
+
+
+def test_export_streams_one_layer_at_a_time_into_indexed_shards(tmp_path, monkeypatch):
+    """The checkpoint is read one group of tensors at a time (a layer, or embeddings + final norm + head), never
+    the whole model, and each group lands in a file of its own, listed in model.safetensors.index.json."""
+    import moe_dist.export as export
+
+    run_dir = run(
+        [*MIXTRAL_RUN, "model.n_layers=3", "trainer.max_steps=1", f"trainer.out_dir={tmp_path}/run"]
+    )
+    reads, read_tensors = [], export.read_tensors
+
+    def recording(reader, names):
+        tensors = read_tensors(reader, names)
+        reads.append({name: t.numel() * t.element_size() for name, t in tensors.items()})
+        return tensors
+
+    monkeypatch.setattr(export, "read_tensors", recording)
+    export_checkpoint(run_dir, tmp_path / "hf")
+    groups = [{export._group_of(name.removeprefix("model.")) for name in read} for read in reads]
+    assert groups == [{"layers.0"}, {"layers.1"}, {"layers.2"}, {"rest"}]
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    for file in files:
+        with safe_open(tmp_path / "hf" / file, "pt") as f:
+            assert len({export._group_of(k) for k in f.keys()}) == 1, file  # noqa: SIM118
+    exported = tensors_of(tmp_path / "hf")
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in exported.values())
+    from moe_dist.model.build import load_model
+
+    model, _ = load_model(run_dir, mesh=single_process_mesh(), device=torch.device("cpu"))
+    x = tokens()
+    with torch.no_grad():
+        assert (model(x) - logits_of_hf(tmp_path / "hf", x)).abs().max() < TOL
 
 
 def test_export_of_a_trained_checkpoint_loads_in_transformers_with_equal_logits(tmp_path):

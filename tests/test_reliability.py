@@ -3,6 +3,7 @@ numerical guards, and no pickled code or secrets."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -67,9 +68,7 @@ def losses(out_dir: Path) -> dict[int, float]:
 def load_model(path: Path, overrides: list[str]):
     cfg = compose_config(TINY + overrides)
     model = build_model(cfg, single_process_mesh(), torch.device("cpu"))
-    import dataclasses
-
-    ckpt.load_checkpoint(path, model=model, optimizer_slots=None, mesh=single_process_mesh(),
+    ckpt.load_checkpoint(path, state=ckpt.model_state(model, single_process_mesh()),
                          model_cfg=dataclasses.asdict(cfg.model))  # fmt: skip
     return model
 
@@ -132,11 +131,9 @@ def tiny_model(overrides: list[str] | None = None):
 
 
 def save(out_dir: Path, step: int, model, engine, keep: int = 5) -> Path:
-    import dataclasses
-
-    return ckpt.save_checkpoint(out_dir, step=step, model=model, optimizer_slots=engine.optimizer_slots(),
-                                mesh=single_process_mesh(),
-                                meta={"model": dataclasses.asdict(model.cfg)}, keep=keep)  # fmt: skip
+    state = ckpt.model_state(model, single_process_mesh()) | engine.checkpoint_state()
+    return ckpt.save_checkpoint(out_dir, step=step, state=state, meta={"model": dataclasses.asdict(model.cfg)},
+                                keep=keep)  # fmt: skip
 
 
 KILL_MID_SAVE = """
@@ -149,10 +146,10 @@ save({out!r}, 1, model, optim)
 with torch.no_grad():
     for p in model.parameters():
         p.add_(1.0)
-def stall(directory):
+def stall(*args, **kwargs):
     print("SAVING", flush=True)
     time.sleep(600)
-checkpoint._digests = stall
+checkpoint.all_gather_json = stall  # every rank wrote its files: the digests are being gathered
 save({out!r}, 2, model, optim)
 """
 
@@ -172,12 +169,62 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     with torch.no_grad():
         for p in loaded.parameters():
             p.zero_()
-    import dataclasses
-
-    ckpt.load_checkpoint(path, model=loaded, optimizer_slots=None, mesh=single_process_mesh(),
+    ckpt.load_checkpoint(path, state=ckpt.model_state(loaded, single_process_mesh()),
                          model_cfg=dataclasses.asdict(loaded.cfg))  # fmt: skip
     for p, q in zip(fresh.parameters(), loaded.parameters()):
         assert torch.equal(p, q)
+
+
+ASYNC_STALL = """
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import moe_dist.checkpoint as checkpoint
+write_data = checkpoint._Writer.write_data
+def stalling(self, plan, planner):
+    result = write_data(self, plan, planner)  # rank 1's file of step 4 is on disk, its write not yet reported
+    if os.environ["RANK"] == "1" and "tmp_step_4" in str(self.path):
+        Path({out!r}, "stalled").write_text(str(os.getpid()))
+        time.sleep(600)
+    return result
+checkpoint._Writer.write_data = stalling
+from training_runs import compose_config
+from test_reliability import TINY
+from moe_dist.trainer import train
+train(compose_config(TINY + {overrides!r}), default_out_dir={out!r})
+"""
+
+
+def test_kill_during_an_async_save_keeps_the_previous_checkpoint_while_training_went_on(tmp_path):
+    out = tmp_path / "run"
+    overrides = ["parallel.ep=2", "trainer.micro_batch_size=4", "trainer.max_steps=8", "trainer.ckpt_every=2",
+                 "trainer.async_checkpoint=true", f"trainer.out_dir={out}", f"hydra.run.dir={out}/hydra"]  # fmt: skip
+    script = tmp_path / "stall.py"
+    script.write_text(ASYNC_STALL.format(tests=str(REPO / "tests"), out=str(out), overrides=overrides))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(script)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(out, 5, proc)  # the step-4 save went to the background and training went on
+    deadline = time.monotonic() + 60
+    while not (out / "stalled").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    root = out / "checkpoints"
+    assert not (root / "step_4").exists() and not (root / ".tmp_step_4" / "meta.json").exists()
+    os.kill(int((out / "stalled").read_text()), signal.SIGKILL)  # rank 1, in the middle of its save
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, output[-3000:]
+
+    assert (root / ".tmp_step_4").is_dir()  # the interrupted save is there, without meta.json...
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [2]  # ...and the newest complete one is step 2
+    assert ckpt.select_checkpoint("auto", out) == (str(root / "step_2"), [])
+    before = losses(out)
+    resumed = subprocess.run(train_cmd(out, "trainer.max_steps=8", "trainer.ckpt_every=2"), capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step_2 at step 2" in resumed.stdout
+    after = losses(out)
+    assert sorted(after) == list(range(1, 9))
+    assert all(after[s] == before[s] for s in before if s >= 3), (before, after)
 
 
 def test_incompatible_checkpoint_is_refused_listing_every_difference(tmp_path):

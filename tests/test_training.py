@@ -5,15 +5,31 @@ One spawn of two gloo ranks runs every world-2 job in sequence; world-1 jobs run
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 from harness import spawn_ranks
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 from training_runs import run
 
-from moe_dist.checkpoint import complete_checkpoints, read_meta
+from moe_dist.checkpoint import (
+    SafeFileSystemReader,
+    checkpoint_group,
+    complete_checkpoints,
+    read_into,
+    read_meta,
+    read_tensors,
+    save_checkpoint,
+    select_checkpoint,
+)
 from moe_dist.metrics import read_metrics
+from moe_dist.parallel.layout import flat_fragment, pieces_of
 
 STEPS = 6
 TOL = 1e-4
@@ -66,12 +82,77 @@ def world2_jobs(rank: int, world_size: int, root: str) -> None:
             f"trainer.resume={root}/w2_ep2/checkpoints/step_3",
         ]
     )
+    # Background checkpoints every 2 steps; preempted after step 4, resumed from its step-4 checkpoint.
+    for extra in (["trainer.stop_at_step=4"], []):
+        run(["parallel.ep=2", f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=4", "trainer.ckpt_every=2",
+             "trainer.async_checkpoint=true", f"trainer.out_dir={root}/w2_ep2_async", *extra])  # fmt: skip
+    return corrupted_shard_of_rank_1(rank, root) | dtensors_to_fragments(rank, root)
+
+
+def dtensors_to_fragments(rank: int, root: str) -> dict:
+    """An engine whose state is DTensors (FSDP2-style: uneven Shard(0), and Shard(1) as for experts over EDP)
+    hands them over as they are; read back whole in one process (the test) and, here, as ZeRO-style flat
+    ranges of each tensor (rank r owns the r-th half of the flattened elements)."""
+    group = checkpoint_group()
+    device_mesh = init_device_mesh("cpu", (2,))
+    generator = torch.Generator().manual_seed(0)
+    full = {
+        "model.a": torch.randn(5, 6, generator=generator),
+        "optim.b.exp_avg": torch.randn(4, 6, 8, generator=generator),
+    }
+    placements = {"model.a": [Shard(0)], "optim.b.exp_avg": [Shard(1)]}
+    state = {k: distribute_tensor(t, device_mesh, placements[k]) for k, t in full.items()}
+    held = sum(t.numel() for v in state.values() for _, t in pieces_of(v)[1])
+    save_checkpoint(f"{root}/dtensors", step=1, state=state, meta={"model": {}}, keep=1, group=group)
+    halves, loaded = {}, {}
+    for key, t in full.items():
+        start, stop = rank * t.numel() // 2, (rank + 1) * t.numel() // 2
+        halves[key] = torch.zeros(stop - start)
+        loaded[key] = flat_fragment(
+            halves[key], local_shape=tuple(t.shape), start=start, global_shape=tuple(t.shape)
+        )
+    read_into(SafeFileSystemReader(f"{root}/dtensors/checkpoints/step_1"), loaded, group=group)
+    expected = {
+        k: t.reshape(-1)[rank * t.numel() // 2 : (rank + 1) * t.numel() // 2] for k, t in full.items()
+    }
+    return {
+        "dtensor_pieces_held": held,
+        "fragments_equal": all(torch.equal(halves[k], expected[k]) for k in full),
+        "full": {k: t.tolist() for k, t in full.items()},
+    }
+
+
+def corrupted_shard_of_rank_1(rank: int, root: str) -> dict:
+    """A copy of w2_ep2 whose newest checkpoint has one byte flipped in the file rank 1 wrote; verified by
+    both ranks (each hashes its share), then resumed with resume=auto."""
+    group = checkpoint_group()
+    corrupt = Path(root) / "w2_ep2_corrupt"
+    newest = corrupt / "checkpoints" / f"step_{STEPS}"
+    if rank == 0:
+        shutil.copytree(Path(root) / "w2_ep2", corrupt)
+        (corrupt / "metrics.jsonl").unlink()
+        written_by = read_meta(newest)["file_rank"]
+        shard = newest / next(name for name, r in written_by.items() if r == 1)
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    dist.barrier(group=group)
+    selected = select_checkpoint("auto", corrupt, group=group)
+    run(
+        [
+            "parallel.ep=2",
+            f"trainer.max_steps={STEPS}",
+            "trainer.micro_batch_size=4",
+            f"trainer.out_dir={corrupt}",
+        ]
+    )
+    return {"selected": selected}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
-    spawn_ranks(2, world2_jobs, str(root))
+    (root / "ranks.json").write_text(json.dumps(spawn_ranks(2, world2_jobs, str(root))))
     run(
         [
             f"trainer.max_steps={STEPS}",
@@ -181,3 +262,45 @@ def test_wandb_offline_run_written(runs):
     offline = list((runs / "w1" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     assert list(offline[0].glob("*.wandb")), "the offline run holds its data file"
+
+
+def test_async_checkpoints_resume_the_same_trajectory(runs):
+    """Checkpoints written in the background (training went on meanwhile) hold the state of their step."""
+    records = read_metrics(runs / "w2_ep2_async")
+    resumed = losses(runs / "w2_ep2_async")
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert_same_losses(losses(runs / "w2_ep2"), resumed, range(1, STEPS + 1))
+    saves = [r for r in records if "checkpoint_stall_s" in r]
+    assert [r["step"] for r in saves] == [2, 4, 6] and all(r["checkpoint_async"] for r in saves)
+    assert {r["checkpoint_completed_step"] for r in records if "checkpoint_write_s" in r} >= {2, 6}
+    assert [s for s, _ in complete_checkpoints(runs / "w2_ep2_async")] == [2, 4, 6]
+
+
+def test_a_shard_corrupted_on_rank_1_is_found_by_the_distributed_check(runs):
+    ranks = json.loads((runs / "ranks.json").read_text())
+    for result in ranks:  # every rank reaches the same verdict
+        path, warnings = result["selected"]
+        assert path.endswith("step_3")
+        assert len(warnings) == 1 and f"step {STEPS}" in warnings[0]
+        assert "__1_0.distcp does not match its sha256 digest (corrupted)" in warnings[0]
+    resumed = losses(runs / "w2_ep2_corrupt")
+    assert sorted(resumed) == [4, 5, 6]  # resume=auto skipped the corrupted step-6 checkpoint
+    assert_same_losses(losses(runs / "w2_ep2"), resumed, [4, 5, 6])
+
+
+def test_every_rank_hashes_the_files_it_wrote(runs):
+    meta = read_meta(complete_checkpoints(runs / "w2_ep2")[-1][1])
+    assert meta["file_rank"] == {".metadata": 0, "__0_0.distcp": 0, "__1_0.distcp": 1}
+    assert set(meta["sha256"]) == set(meta["file_bytes"]) == set(meta["file_rank"])
+
+
+def test_dtensor_state_is_written_as_its_shards_and_read_back_in_any_layout(runs):
+    """The hook for DTensor engines (FSDP2): each rank hands over only its shard (uneven on dim 0, or on dim 1),
+    the checkpoint holds the global tensors, and ZeRO-style flat ranges read them back exactly."""
+    ranks = json.loads((runs / "ranks.json").read_text())
+    full = {k: torch.tensor(v) for k, v in ranks[0]["full"].items()}
+    assert [r["dtensor_pieces_held"] for r in ranks] == [3 * 6 + 4 * 3 * 8, 2 * 6 + 4 * 3 * 8]
+    assert all(r["fragments_equal"] for r in ranks)
+    reader = SafeFileSystemReader(str(runs / "dtensors" / "checkpoints" / "step_1"))
+    whole = read_tensors(reader, list(full))
+    assert all(torch.equal(whole[k], full[k]) for k in full)

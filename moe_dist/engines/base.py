@@ -4,17 +4,28 @@
 - ``reduce_gradients() -> grad_norm``: gradients of the global-mean loss, and their exact global L2 norm,
   identical on all ranks;
 - ``step(grad_norm, max_norm=...)``: clips with that norm and steps; ``zero_grad()``; ``set_lr(lr)``;
-- ``optimizer_slots()`` → ``{param name: {"step", "exp_avg", "exp_avg_sq"}}`` with full (unpartitioned)
-  per-parameter tensors in moe_dist's layout (expert tensors are this rank's EP shard), and
-  ``load_optimizer_slots(slots)`` to put such tensors back (called after the model weights are loaded).
-  Checkpoints only see this, so they reshard across EP sizes *and* across engines.
+- ``checkpoint_state()`` → ``{"model.<param>": …, "optim.<param>.<slot>": …}`` for every trainable
+  parameter: its fp32 master weights (whatever precision the model computes in) and its AdamW slots
+  (``ADAM_SLOTS``), each in the *global* layout of ``moe_dist.parallel.layout`` — a plain tensor (whole,
+  the same on every rank holding it), a ``DTensor`` (e.g. FSDP2's shards, experts over ``ep``), or
+  ``Fragments`` (e.g. ZeRO's flat-partition ranges) — holding only what this rank owns, aliasing the live
+  state. Nothing is gathered: the checkpoint writes each rank's pieces into one global layout that any
+  engine at any (world, ep) reads back by resharding. ``after_checkpoint_load(state)`` is called with the
+  same dict once a load has filled it in place (an engine refreshes what derives from it: low-precision
+  model weights from the masters, step counters).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
+from torch import nn
+
+from moe_dist.parallel.apply import split_parameters
+from moe_dist.parallel.layout import GlobalTensor, expert_dtensor
+from moe_dist.parallel.mesh import Mesh
 
 ADAM_SLOTS = ("step", "exp_avg", "exp_avg_sq")
 
@@ -30,9 +41,9 @@ class Engine(Protocol):
 
     def set_lr(self, lr: float) -> None: ...
 
-    def optimizer_slots(self) -> dict[str, dict[str, torch.Tensor]]: ...
+    def checkpoint_state(self) -> dict[str, GlobalTensor]: ...
 
-    def load_optimizer_slots(self, slots: dict[str, dict[str, torch.Tensor]]) -> None: ...
+    def after_checkpoint_load(self, state: dict[str, GlobalTensor]) -> None: ...
 
 
 def zero_adam_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -42,3 +53,20 @@ def zero_adam_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
         "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
         "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
     }
+
+
+def live_state(
+    model: nn.Module, adam_state: Callable[[nn.Parameter], dict[str, torch.Tensor]], *, mesh: Mesh
+) -> dict[str, GlobalTensor]:
+    """``checkpoint_state`` of an engine whose AdamW steps the model's own fp32 tensors: those tensors and
+    their slots (``adam_state(p)``), experts as DTensors over ep."""
+    experts = {id(p) for p in split_parameters(model)[1]}
+    state: dict[str, GlobalTensor] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        slots = adam_state(p)
+        tensors = {f"model.{name}": p.detach()} | {f"optim.{name}.{key}": slots[key] for key in ADAM_SLOTS}
+        for key, t in tensors.items():
+            state[key] = expert_dtensor(t, mesh) if id(p) in experts else t
+    return state

@@ -4,7 +4,8 @@ What DeepSpeed does here: it owns the gradient reduction (reduce-scatter into Ze
 partitions and the AdamW state, partitioned over the world for dense parameters and over the EDP group for
 expert parameters. What moe_dist keeps: the forward (the trainer calls the model directly), the expert
 all-to-all, the process groups (DeepSpeed's expert registries are filled with moe_dist's own mesh groups), the
-exact global gradient norm and the clipping, and the checkpoint format (full per-parameter Adam slots).
+exact global gradient norm and the clipping, and the checkpoint format (fp32 masters and per-parameter Adam slots in
+one global layout, written from each rank's ZeRO fragments without gathering them).
 
 DeepSpeed internals relied on (pinned to deepspeed>=0.19,<0.20; each is checked by tests/test_deepspeed_engine.py):
 - the engine decides ``has_moe_layers`` by ``isinstance(module, deepspeed.moe.layer.MoE)``: a parameter-free
@@ -16,7 +17,9 @@ DeepSpeed internals relied on (pinned to deepspeed>=0.19,<0.20; each is checked 
   stage-0 all-reduce path alike), which is moe_dist's convention: no correction factor is needed;
 - ZeRO-1/2 and the BF16 optimizer link every parameter to its owned fragment of the flat partition
   (``param._hp_mapping``, ``param._index_in_param_group``): the same mapping that ``safe_get_full_grad`` and
-  ``safe_get_full_optimizer_state`` use, read here for the local gradient fragments of the exact norm;
+  ``safe_get_full_optimizer_state`` use, read here for the local gradient fragments of the exact norm and, in
+  checkpoints, for the owned fragments of the fp32 masters and AdamW slots (``get_hp_fragment(key)`` at
+  ``lp_fragment_address``); after a load the optimizer's ``update_lp_params()`` refreshes the model weights;
 - the basic (client) optimizer's ``step()`` receives the reduced, partitioned fp32 gradients as ``.grad`` of
   its parameters: the clip factor is applied there.
 """
@@ -35,10 +38,11 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_dist.config import EngineConfig, TrainerConfig
-from moe_dist.engines.base import ADAM_SLOTS, zero_adam_state
+from moe_dist.engines.base import live_state, zero_adam_state
 from moe_dist.moe.experts import GroupedExperts
 from moe_dist.optim import build_optimizer
 from moe_dist.parallel.apply import global_grad_norm, split_parameters
+from moe_dist.parallel.layout import Fragments, GlobalTensor, flat_fragment
 from moe_dist.parallel.mesh import Mesh
 
 TESTED_DEEPSPEED = "0.19."
@@ -278,7 +282,7 @@ class DeepSpeedEngine:
         self._step_pending = False
 
     def _init_adam_state(self) -> None:
-        """Creates AdamW's slots now, as torch would at its first step, so that ``optimizer_slots`` has tensors
+        """Creates AdamW's slots now, as torch would at its first step, so that ``checkpoint_state`` has tensors
         to fill before any step and DeepSpeed links each parameter to its fragment of them."""
         for group in self.adam.param_groups:
             for p in group["params"]:
@@ -351,38 +355,49 @@ class DeepSpeedEngine:
         assert len(steps) == 1, f"AdamW groups disagree on the step count: {steps}"
         return torch.tensor(steps.pop(), dtype=torch.float32)
 
-    def optimizer_slots(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Full per-parameter fp32 slots in moe_dist's layout. ZeRO-1/2: assembled by an all-reduce per slot over
-        the parameter's partition group (world or EDP), in named_parameters order on every rank."""
+    def checkpoint_state(self) -> dict[str, GlobalTensor]:
+        """ZeRO-1/2: this rank's fragments of the fp32 master weights and of the AdamW slots (in bf16 mode too:
+        the masters, never the bf16 weights), as boxes of the global tensors. ``param._hp_mapping`` gives each
+        parameter's owned range of its flattened elements, views of DeepSpeed's flat fp32 partitions; nothing
+        is gathered or copied. Stage 0: the live tensors, as the native engine."""
         if not self.partitioned:
-            return {name: {key: self.adam.state[p][key] for key in ADAM_SLOTS} for name, p in self.params}
-        from deepspeed.utils import safe_get_full_optimizer_state
-
+            return live_state(self.model, lambda p: self.adam.state[p], mesh=self.mesh)
+        experts = {id(p) for p in split_parameters(self.model)[1]}
         step = self._step_count()
-        return {
-            name: {
-                "step": step.clone(),
-                "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
-                "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq"),
-            }
-            for name, p in self.params
-        }
+        state: dict[str, GlobalTensor] = {}
+        for name, p in self.params:
+            local_shape = tuple(p.shape)
+            global_shape, dim0_offset = local_shape, 0
+            if id(p) in experts:  # the local shard is rows [ep_rank·L, (ep_rank+1)·L) of the global experts
+                global_shape = (local_shape[0] * self.mesh.ep, *local_shape[1:])
+                dim0_offset = self.mesh.ep_rank * local_shape[0]
+            mapping = p._hp_mapping  # None: no element of p falls in this rank's partition
+            for key, slot in (("model", None), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+                fqn = f"model.{name}" if slot is None else f"optim.{name}.{key}"
+                if mapping is None:
+                    state[fqn] = Fragments(global_shape=global_shape, dtype=torch.float32)
+                    continue
+                state[fqn] = flat_fragment(
+                    mapping.get_hp_fragment(slot),
+                    local_shape=local_shape,
+                    start=mapping.lp_fragment_address.start,
+                    global_shape=global_shape,
+                    dim0_offset=dim0_offset,
+                )
+            state[f"optim.{name}.step"] = step.clone()
+        return state
 
     @torch.no_grad()
-    def load_optimizer_slots(self, slots: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Writes the slots into this rank's fragments, and refreshes the fp32 master partitions from the model
-        parameters (the trainer loads those just before), which DeepSpeed keeps as a separate copy."""
+    def after_checkpoint_load(self, state: dict[str, GlobalTensor]) -> None:
+        """ZeRO-1/2: the load filled the master and slot fragments in place; the step counts come from the
+        checkpoint, and the model's (bf16 or fp32) weights from the masters, by DeepSpeed's own copy and
+        all-gather over each partition group (``update_lp_params``, as after every step)."""
         if not self.partitioned:
-            return  # optimizer_slots returned the live tensors, which the load filled in place
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        steps = {float(slots[name]["step"]) for name, _ in self.params}
+            return  # checkpoint_state returned the live tensors, which the load filled in place
+        steps = {float(state[f"optim.{name}.step"]) for name, _ in self.params}
         if len(steps) != 1:
             raise ValueError(f"checkpoint: AdamW step counts differ between parameters ({sorted(steps)})")
         step = steps.pop()
-        for name, p in self.params:
-            for key in ("exp_avg", "exp_avg_sq"):
-                safe_set_full_optimizer_state(p, slots[name][key].to(p.device), key)
-            safe_set_full_fp32_param(p, p.detach())
-        for state in self.adam.state.values():
-            state["step"].fill_(step)
+        for slots in self.adam.state.values():
+            slots["step"].fill_(step)
+        self.ds.optimizer.update_lp_params()

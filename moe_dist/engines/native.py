@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from moe_dist.config import EngineConfig, TrainerConfig
-from moe_dist.engines.base import ADAM_SLOTS, zero_adam_state
+from moe_dist.engines.base import live_state, zero_adam_state
 from moe_dist.optim import build_optimizer, set_lr
 from moe_dist.parallel.apply import OverlappedGradSync, clip_gradients_, global_grad_norm, sync_gradients
+from moe_dist.parallel.layout import GlobalTensor
 from moe_dist.parallel.mesh import Mesh
 
 
@@ -55,17 +56,16 @@ class NativeEngine:
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
-    def optimizer_slots(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The live state tensors (creating zero slots for a fresh optimizer, so a load has tensors to fill)."""
-        slots = {}
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            state = self.optimizer.state[p]
-            if not state:
-                state.update(zero_adam_state(p))
-            slots[name] = {key: state[key] for key in ADAM_SLOTS}
-        return slots
+    def checkpoint_state(self) -> dict[str, GlobalTensor]:
+        """The live parameters (fp32: they are the masters) and AdamW slots, experts as DTensors over ep."""
+        return live_state(self.model, self._adam_state, mesh=self.mesh)
 
-    def load_optimizer_slots(self, slots: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Nothing to do: ``optimizer_slots`` returned the live tensors, which the load filled in place."""
+    def _adam_state(self, p: nn.Parameter) -> dict[str, torch.Tensor]:
+        """AdamW's state of ``p``; a fresh optimizer gets zero slots first, so that a load has tensors to fill."""
+        state = self.optimizer.state[p]
+        if not state:
+            state.update(zero_adam_state(p))
+        return state
+
+    def after_checkpoint_load(self, state: dict[str, GlobalTensor]) -> None:
+        """Nothing to do: ``checkpoint_state`` returned the live tensors, which the load filled in place."""

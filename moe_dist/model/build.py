@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 
 import torch
 
-from moe_dist.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
+from moe_dist.checkpoint import load_checkpoint, model_state, read_meta, resolve_checkpoint
 from moe_dist.config import Config, ModelConfig, MoEConfig, TrainerConfig
 from moe_dist.model.transformer import Transformer
 from moe_dist.parallel.apply import parallelize_moe
@@ -54,9 +53,5 @@ def load_model(path: str | os.PathLike, *, mesh: Mesh, device: torch.device) -> 
     meta = read_meta(path)
     mcfg = dataclasses.replace(model_config_from_meta(meta), init_from=None)
     model = build_model(Config(model=mcfg, trainer=TrainerConfig(seed=meta.get("seed", 0))), mesh, device)
-    with warnings.catch_warnings():  # one process without a process group is the intended use here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        load_checkpoint(
-            path, model=model, optimizer_slots=None, mesh=mesh, model_cfg=dataclasses.asdict(mcfg)
-        )
+    load_checkpoint(path, state=model_state(model, mesh), model_cfg=dataclasses.asdict(mcfg))
     return model.eval(), meta
