@@ -9,12 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-ENGINES = ("native", "deepspeed")
+ENGINES = ("native", "deepspeed", "fsdp")
 ROUTERS = ("softmax", "sigmoid", "soft")
 BACKENDS = ("auto", "nccl", "gloo")
 DATASETS = ("stdlib", "text", "tokens")
 WANDB_MODES = ("disabled", "offline", "online")
 GROUPED_MM_MODES = ("auto", "on", "off")
+PRECISIONS = ("auto", "fp32", "bf16", "fp64")  # see moe_dist/precision.py
+AUX_LOSS_SCOPES = ("micro_step", "sequence")
+ACTIVATION_CHECKPOINTING = ("none", "full", "moe", "every_n:<n>")
 
 
 @dataclass
@@ -34,6 +37,7 @@ class MoEConfig:
     bias_update_rate: float = 0.001  # aux-loss-free bias step per optimizer step (sigmoid router only)
     every_n_layers: int = 1  # MoE FFN in every n-th block, dense FFN in the others
     grouped_mm: str = "auto"  # "auto": grouped_mm on CUDA when shapes allow, loop on CPU; "on"; "off" (loop)
+    aux_loss_scope: str = "micro_step"  # balance loss per micro-step (Switch) or "sequence" (DeepSeek-V3)
     overlap_chunks: int = 1  # ep > 1: token chunks whose all-to-alls overlap the experts of the chunk before
 
 
@@ -62,9 +66,11 @@ class ParallelConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "native"  # "native" (AdamW + moe_dist gradient sync) or "deepspeed" (ZeRO optimizer sharding)
+    name: str = "native"  # "native" (AdamW + gradient sync), "deepspeed" (ZeRO), "fsdp" (FSDP2, all sharded)
     zero_stage: int = 0  # deepspeed: 0, 1 (optimizer state sharded) or 2 (+ gradients sharded)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, passed through
+    reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward, regather in backward
+    prefetch: int = 0  # fsdp: all-gathers issued this many units ahead explicitly (0: FSDP2's own)
     overlap_grad_sync: bool = True  # native: all-reduce gradient buckets while the last backward still runs
     grad_bucket_mb: float = 25.0  # native: gradient all-reduce bucket cap (MiB of fp32); at least 4 buckets
 
@@ -103,6 +109,9 @@ class TrainerConfig:
     peak_tflops: float | None = None  # device peak for MFU; null: known GPUs' bf16 peak, CPU: measured GEMM
     compile: bool = False  # torch.compile each transformer block (regional); the MoE exchange stays eager
     async_checkpoint: bool = False  # write checkpoints in the background (stall: one copy to host memory)
+    precision: str = "auto"  # "auto" (bf16 on CUDA, else fp32), "fp32", "bf16" (fp32 router/combine), "fp64"
+    accum_steps: int | None = None  # micro-steps per step (micro_batch_size then follows from the world)
+    activation_checkpointing: str = "none"  # "none", "full" (blocks), "moe" (expert compute), "every_n:<n>"
 
 
 @dataclass
@@ -258,6 +267,7 @@ def validate(cfg: Config, *, world_size: int) -> None:
     e = cfg.engine
     _require(e.name in ENGINES, "engine.name", e.name, f"must be one of {ENGINES}")
     _require(e.zero_stage in (0, 1, 2), "engine.zero_stage", e.zero_stage, "must be 0, 1 or 2")
+    _require(e.prefetch >= 0, "engine.prefetch", e.prefetch, "must be >= 0")
     _require(
         e.name == "deepspeed" or e.zero_stage == 0,
         "engine.zero_stage",
@@ -281,14 +291,15 @@ def validate(cfg: Config, *, world_size: int) -> None:
             t.stop_at_step,
             "must be in [1, max_steps]",
         )
-    _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size, "must be >= 1")
-    _require(
-        t.global_batch_size >= 1 and t.global_batch_size % (world_size * t.micro_batch_size) == 0,
-        "trainer.global_batch_size",
-        t.global_batch_size,
-        f"must be a positive multiple of world_size x trainer.micro_batch_size = "
-        f"{world_size} x {t.micro_batch_size}",
-    )
+    if t.accum_steps is None:
+        _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", t.micro_batch_size, "must be >= 1")
+        _require(
+            t.global_batch_size >= 1 and t.global_batch_size % (world_size * t.micro_batch_size) == 0,
+            "trainer.global_batch_size",
+            t.global_batch_size,
+            f"must be a positive multiple of world_size x trainer.micro_batch_size = "
+            f"{world_size} x {t.micro_batch_size}",
+        )
     _require(t.lr > 0, "trainer.lr", t.lr, "must be > 0")
     _require(0 <= t.min_lr_ratio <= 1, "trainer.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     _require(t.warmup_steps >= 0, "trainer.warmup_steps", t.warmup_steps, "must be >= 0")
@@ -314,3 +325,49 @@ def validate(cfg: Config, *, world_size: int) -> None:
         cfg.logging.wandb.mode,
         f"must be one of {WANDB_MODES}",
     )
+
+    # Precision, the batch split into micro-steps, activation checkpointing, the aux-loss scope.
+    _require(t.precision in PRECISIONS, "trainer.precision", t.precision, f"must be one of {PRECISIONS}")
+    if t.accum_steps is not None:
+        _require(t.accum_steps >= 1, "trainer.accum_steps", t.accum_steps, "must be >= 1 (or null)")
+        _require(
+            t.global_batch_size >= 1 and t.global_batch_size % (world_size * t.accum_steps) == 0,
+            "trainer.accum_steps",
+            t.accum_steps,
+            f"cannot be kept at world size {world_size}: trainer.global_batch_size={t.global_batch_size} "
+            f"must be a positive multiple of world_size x accum_steps = {world_size} x {t.accum_steps}",
+        )
+    parse_activation_checkpointing(t.activation_checkpointing)
+    _require(
+        m.moe.aux_loss_scope in AUX_LOSS_SCOPES,
+        "model.moe.aux_loss_scope",
+        m.moe.aux_loss_scope,
+        f"must be one of {AUX_LOSS_SCOPES}",
+    )
+
+
+def batch_layout(t: TrainerConfig, *, world_size: int) -> tuple[int, int]:
+    """(sequences per rank per micro-step, micro-steps per optimizer step) at this world size.
+
+    ``trainer.accum_steps`` fixes the micro-steps (the per-rank micro-batch follows from the world size);
+    otherwise ``trainer.micro_batch_size`` is fixed and the micro-steps follow.
+    """
+    if t.accum_steps is not None:
+        return t.global_batch_size // (world_size * t.accum_steps), t.accum_steps
+    return t.micro_batch_size, t.global_batch_size // (world_size * t.micro_batch_size)
+
+
+def parse_activation_checkpointing(mode: str) -> tuple[str, int]:
+    """``trainer.activation_checkpointing`` → (kind, n): ("none", 0), ("full", 1), ("moe", 0), ("every_n", n)."""
+    if mode in ("none", "moe"):
+        return mode, 0
+    if mode == "full":
+        return "every_n", 1
+    kind, _, n = mode.partition(":")
+    _require(
+        kind == "every_n" and n.isdigit() and int(n) >= 1,
+        "trainer.activation_checkpointing",
+        mode,
+        f"must be one of {ACTIVATION_CHECKPOINTING} with n >= 1",
+    )
+    return "every_n", int(n)

@@ -70,12 +70,17 @@ def collective_timeout_s(backend: str, timeout_s: float | None) -> float:
 
 
 def init_distributed(
-    *, device_type: str = "cpu", backend: str = "gloo", timeout_s: float | None = None
+    *,
+    device_type: str = "cpu",
+    backend: str = "gloo",
+    timeout_s: float | None = None,
+    single_rank_group: bool = False,
 ) -> torch.device:
     """Initialises the default process group when launched with several ranks; returns this rank's device.
 
     ``device_type`` and ``backend`` come from ``choose_device``. A world of 1 started without torchrun gets no
-    process group at all: every collective is skipped. A collective that waits longer than the timeout raises
+    process group at all (every collective is skipped), unless ``single_rank_group``: then a one-rank group on
+    an in-memory store (no rendezvous, no port). A collective that waits longer than the timeout raises
     instead of hanging (NCCL: the watchdog aborts the communicator; gloo: the wait times out).
     """
     timeout_s = collective_timeout_s(backend, timeout_s)
@@ -93,6 +98,16 @@ def init_distributed(
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(
             backend=backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs
+        )
+    elif single_rank_group and not dist.is_initialized():
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(
+            backend=backend,
+            store=dist.HashStore(),
+            rank=0,
+            world_size=1,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **kwargs,
         )
     return device
 

@@ -11,7 +11,9 @@ import time
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 class Watchdog:
@@ -74,12 +76,29 @@ class NonFiniteError(RuntimeError):
 
 
 def first_nonfinite_grad(model: nn.Module) -> str | None:
-    """Name and statistic of the first parameter (in module order) whose gradient is not finite."""
-    for name, p in model.named_parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            num_bad = (~torch.isfinite(p.grad)).sum().item()
-            return f"{name} ({num_bad} of {p.grad.numel()} gradient entries non-finite)"
-    return None
+    """Name and statistic of the first parameter (in module order) whose gradient is not finite on any rank.
+
+    Collective when a process group exists (every rank calls it: the skip decision is global): the only bad
+    entries may sit in another rank's shard (engine=fsdp) or in another EP rank's experts.
+    """
+    params = list(model.named_parameters())
+    counts = [
+        (~torch.isfinite(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)).sum()
+        if p.grad is not None
+        else torch.zeros((), dtype=torch.int64)
+        for _, p in params
+    ]
+    if not counts:
+        return None
+    device = next((p.grad.device for _, p in params if p.grad is not None), torch.device("cpu"))
+    bad = torch.stack([c.to(device) for c in counts]).double()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    first = (bad > 0).nonzero()
+    if len(first) == 0:
+        return None
+    i = int(first[0].item())
+    return f"{params[i][0]} ({int(bad[i].item())} non-finite gradient entries on the rank with the most)"
 
 
 class NonFiniteGuard:

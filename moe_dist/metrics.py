@@ -42,7 +42,9 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            flat = {k: v for k, v in record.items() if k not in ("step", "expert_load")}
+            flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            if record.get("peak_memory_mib"):  # one number per rank: wandb gets the largest
+                flat["peak_memory_mib_max"] = max(record["peak_memory_mib"])
             self.wandb.log(flat, step=record["step"])
 
     def log_expert_heatmap(self, step: int, expert_load: list[list[float]]) -> None:

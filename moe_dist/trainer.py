@@ -25,7 +25,7 @@ from moe_dist.checkpoint import (
     select_checkpoint,
     validate_resume,
 )
-from moe_dist.config import Config, validate
+from moe_dist.config import Config, batch_layout, validate
 from moe_dist.data import TokenSplits, load_tokens, rank_batch
 from moe_dist.distributed import (
     broadcast_json,
@@ -36,6 +36,7 @@ from moe_dist.distributed import (
 )
 from moe_dist.engines import Engine, build_engine, validate_engine
 from moe_dist.guards import CollapseDetector, NonFiniteGuard, Watchdog
+from moe_dist.memory import peak_memory_bytes, peak_memory_source, reset_peak_memory
 from moe_dist.metrics import MetricsLogger, truncate_metrics
 from moe_dist.mfu import device_peak_tflops
 from moe_dist.model.build import build_model
@@ -43,6 +44,7 @@ from moe_dist.model.transformer import Transformer, count_parameters, model_flop
 from moe_dist.moe.layer import MoELayer
 from moe_dist.optim import lr_at
 from moe_dist.parallel.mesh import Mesh, build_mesh
+from moe_dist.precision import accum_dtype, autocast, resolve_precision
 from moe_dist.transfer import to_device
 
 EVAL_SEED_OFFSET = 7_919  # eval batches come from (seed + offset, i): never the training draws
@@ -91,7 +93,7 @@ def validate_run(cfg: Config, *, world_size: int) -> None:
     and backend on this machine, the chosen engine's own config, and the checkpoint to resume from."""
     validate(cfg, world_size=world_size)
     run_device(cfg)
-    validate_engine(cfg.engine, cfg.trainer, world_size=world_size)
+    validate_engine(cfg.engine, cfg.trainer, world_size=world_size, model=cfg.model, ep=cfg.parallel.ep)
     validate_resume(cfg.trainer.resume)
 
 
@@ -122,6 +124,8 @@ class StepStats:
         self.host_sums[2] += 1
         for i, m in enumerate(layers):
             self.counts[i] += m.stats.counts_E
+            # Activation checkpointing recomputes the router in backward, with grad: drop that graph.
+            m.stats.aux_loss, m.stats.z_loss = m.stats.aux_loss.detach(), m.stats.z_loss.detach()
         self.exchange_rounds = max([self.exchange_rounds] + [m.stats.exchange_rounds for m in layers])
 
     def start_all_reduce(self, mesh: Mesh) -> None:
@@ -151,43 +155,10 @@ class StepStats:
         }
 
 
-class Batches:
-    """This rank's training batches on the device, one step ahead.
-
-    ``get(step)`` returns the step's (inputs, targets), prefetched if ``prefetch(step)`` ran before; on CUDA
-    the rows are pinned and copied without blocking the host, so the copy of the next step's batch overlaps
-    this step's work. The batch is a function of (seed, step), so nothing needs saving across a restart.
-    """
-
-    def __init__(self, cfg: Config, data: torch.Tensor, mesh: Mesh, device: torch.device):
-        self.cfg, self.data, self.mesh, self.device = cfg, data, mesh, device
-        self.next: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    def load(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.cfg.trainer
-        inputs, targets = rank_batch(
-            self.data,
-            seed=t.seed,
-            step=step,
-            global_batch_size=t.global_batch_size,
-            seq_len=self.cfg.model.seq_len,
-            rank=self.mesh.rank,
-            world_size=self.mesh.world_size,
-        )
-        return to_device(inputs, self.device), to_device(targets, self.device)
-
-    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.next[1] if self.next is not None and self.next[0] == step else self.load(step)
-        self.next = None
-        return batch
-
-    def prefetch(self, step: int) -> None:
-        self.next = (step, self.load(step))
-
-
 def lm_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = model(inputs)
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+    logits = logits.to(accum_dtype(logits))  # bf16 logits: the loss in fp32 (fp64 stays fp64)
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
 
 
 @dataclass
@@ -202,7 +173,7 @@ class Run:
     engine: Engine
     autocast: AbstractContextManager
     accum_steps: int  # micro-batches per rank per optimizer step
-    batches: Batches
+    micro_batch_size: int  # sequences per rank per micro-step
     stats: StepStats
     nonfinite: NonFiniteGuard
     collapse: CollapseDetector
@@ -210,6 +181,8 @@ class Run:
     checkpoint_group: (
         dist.ProcessGroup | None
     )  # gloo group for checkpoint traffic (None without a process group)
+    # The next step's micro-batches, loaded at the end of a step: (step, [(inputs, targets), ...]).
+    prefetched: tuple[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
 
 def build_run(cfg: Config) -> Run:
@@ -220,15 +193,21 @@ def build_run(cfg: Config) -> Run:
     data = load_tokens(cfg.data, vocab_size=mcfg.vocab_size, seq_len=mcfg.seq_len)
     device_type, backend = run_device(cfg)
     timeout_s = collective_timeout_s(backend, cfg.parallel.timeout_s)
-    device = init_distributed(device_type=device_type, backend=backend, timeout_s=timeout_s)
+    # FSDP2 shards over a DeviceMesh, which needs a process group also at world 1.
+    device = init_distributed(
+        device_type=device_type,
+        backend=backend,
+        timeout_s=timeout_s,
+        single_rank_group=cfg.engine.name == "fsdp",
+    )
     mesh = build_mesh(ep=cfg.parallel.ep, num_experts=mcfg.moe.num_experts)
     model = build_model(cfg, mesh, device)
-    if t.compile:
-        model.compile_blocks()
     engine = build_engine(model, engine=cfg.engine, trainer=t, mesh=mesh)
     # After the engine: DeepSpeed starts a process group of its own in a world of 1.
     ckpt_group = checkpoint_group(timeout_s=timeout_s)
     moe_names = [name for name, m in model.named_modules() if isinstance(m, MoELayer)]
+    micro_batch_size, accum_steps = batch_layout(t, world_size=mesh.world_size)
+    precision = resolve_precision(t.precision, device)
     return Run(
         cfg=cfg,
         mesh=mesh,
@@ -236,9 +215,10 @@ def build_run(cfg: Config) -> Run:
         data=data,
         model=model,
         engine=engine,
-        autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
-        accum_steps=t.global_batch_size // (mesh.world_size * t.micro_batch_size),
-        batches=Batches(cfg, data.train, mesh, device),
+        # bf16 under fsdp: FSDP2's MixedPrecisionPolicy gathers bf16 parameters, no autocast (model/build.py).
+        autocast=autocast(precision if cfg.engine.name != "fsdp" else "fp32", device),
+        accum_steps=accum_steps,
+        micro_batch_size=micro_batch_size,
         stats=StepStats(model, device),
         nonfinite=NonFiniteGuard(t.max_nonfinite_skips),
         collapse=CollapseDetector(
@@ -262,10 +242,8 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
     with phase("data"):
         engine.set_lr(lr_at(step, t))
         torch.manual_seed(step_seed(t.seed, step, run.mesh.rank))
-        inputs, targets = run.batches.get(step)  # on the device already (prefetched by the previous step)
-    for i in range(run.accum_steps):
-        rows = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
-        micro_inputs, micro_targets = inputs[rows], targets[rows]
+        batches = step_batches(run, step)  # on the device already (prefetched by the previous step)
+    for i, (micro_inputs, micro_targets) in enumerate(batches):
         with phase("forward"), run.autocast:
             ce = lm_loss(model, micro_inputs, micro_targets)
             loss = (ce + model.moe_loss()) / run.accum_steps
@@ -292,8 +270,39 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
             run.collapse.update(run.stats.counts)
     if step < t.max_steps:
         with phase("data"):
-            run.batches.prefetch(step + 1)
+            run.prefetched = (step + 1, [micro_batch(run, step + 1, i) for i in range(run.accum_steps)])
     return StepResult(grad_norm, skip_message)
+
+
+def step_batches(run: Run, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every micro-step's (inputs, targets) of ``step`` on the device: prefetched at the end of the step
+    before when there was one, so on CUDA the copy of the next step's batch overlaps this step's work."""
+    if run.prefetched is not None and run.prefetched[0] == step:
+        batches = run.prefetched[1]
+    else:
+        batches = [micro_batch(run, step, i) for i in range(run.accum_steps)]
+    run.prefetched = None
+    return batches
+
+
+def micro_batch(run: Run, step: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of micro-step ``i`` of ``step``, on the device.
+
+    Micro-step i is the slice [i·G/A, (i+1)·G/A) of the global batch (G sequences, A micro-steps), split
+    evenly over the W ranks: rank r reads the slice of a "rank" i·W + r among W·A. So with the same A every
+    micro-step holds the same sequences at any world size (what the micro_step aux-loss scope sees).
+    """
+    t, mesh = run.cfg.trainer, run.mesh
+    inputs, targets = rank_batch(
+        run.data.train,
+        seed=t.seed,
+        step=step,
+        global_batch_size=t.global_batch_size,
+        seq_len=run.cfg.model.seq_len,
+        rank=i * mesh.world_size + mesh.rank,
+        world_size=mesh.world_size * run.accum_steps,
+    )
+    return to_device(inputs, run.device), to_device(targets, run.device)  # pinned, non-blocking on CUDA
 
 
 @torch.no_grad()
@@ -313,7 +322,7 @@ def evaluate(run: Run) -> float:
             rank=mesh.rank,
             world_size=mesh.world_size,
         )
-        for mb_in, mb_tg in zip(inputs.split(t.micro_batch_size), targets.split(t.micro_batch_size)):
+        for mb_in, mb_tg in zip(inputs.split(run.micro_batch_size), targets.split(run.micro_batch_size)):
             with run.autocast:
                 loss = lm_loss(model, to_device(mb_in, run.device), to_device(mb_tg, run.device))
             total += torch.stack([loss.double(), total.new_ones(())])
@@ -326,7 +335,9 @@ def evaluate(run: Run) -> float:
 def training_state(run: Run) -> dict:
     """What a checkpoint holds, in the global layout, aliasing the live state: the model's buffers and the
     engine's fp32 masters and AdamW slots (only the pieces this rank holds)."""
-    return model_state(run.model, run.mesh) | run.engine.checkpoint_state()
+    # The engine first: fsdp reshards its units there, and model_state must alias the sharded parameters.
+    engine_state = run.engine.checkpoint_state()
+    return model_state(run.model, run.mesh) | engine_state
 
 
 def _checkpoint_meta(run: Run) -> dict:
@@ -358,11 +369,13 @@ class Cadence:
         self.flops_per_token = model_flops_per_token(run.model)
         self.peak_tflops, self.peak_source = None, "not measured on this rank"
         if logger.enabled:
-            dtype = torch.bfloat16 if run.device.type == "cuda" else next(run.model.parameters()).dtype
+            precision = resolve_precision(t.precision, run.device)
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[precision]
             self.peak_tflops, self.peak_source = device_peak_tflops(
                 run.device, dtype, configured=t.peak_tflops
             )
         self.window_start, self.window_steps, self.last_load = time.perf_counter(), 0, []
+        reset_peak_memory(run.device)
         self.bar = tqdm(
             total=t.max_steps,
             initial=start_step,
@@ -441,6 +454,7 @@ class Cadence:
             "model_tflops_per_rank": tflops,  # model FLOPs (model_flops_per_token) per second per rank
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,  # against the device peak
             "skipped_steps": run.nonfinite.skipped,
+            **self.peak_memory(),
         }
         self.logger.log(record)
         mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
@@ -449,12 +463,25 @@ class Cadence:
             f"grad_norm {record['grad_norm']:.3f} | tok/s {tokens_per_s:,.0f} | "
             f"TFLOP/s/rank {tflops:.3g} | MFU {mfu} | "
             f"aux {record['aux_loss']:.4f} | dropped {record['dropped_frac']:.3f} | "
-            f"max load {max((max(r) for r in record['expert_load']), default=0):.3f}"
+            f"max load {max((max(r) for r in record['expert_load']), default=0):.3f} | "
+            f"peak mem {max(record['peak_memory_mib']):,.0f} MiB"
         )
         for warning in run.collapse.new_warnings():
             self.logger.console(warning)
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.last_load = record["expert_load"]
+        reset_peak_memory(run.device)
+
+    def peak_memory(self) -> dict:
+        """Every rank's peak memory of this log window (collective: an all-gather of one number per rank)."""
+        run = self.run
+        peak = torch.tensor([peak_memory_bytes(run.device) / 2**20], dtype=torch.float64, device=run.device)
+        if run.mesh.world_group is not None:
+            gathered = peak.new_empty(run.mesh.world_size)
+            all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            all_gather(gathered, peak, group=run.mesh.world_group)
+            peak = gathered
+        return {"peak_memory_mib": peak.tolist(), "peak_memory_source": peak_memory_source(run.device)}
 
     def close(self, step: int) -> None:
         with self.watchdog.phase(step, "waiting for the background checkpoint save to complete"):

@@ -4,7 +4,8 @@ save takes beyond the live training state, for each engine, on one model.
     torchrun --nproc_per_node 2 scripts/bench_checkpoint.py [--json PATH] [--saves N] [key=value ...]
 
 The default model has 155.6M parameters (4 layers, D 512, 16 experts of width 1536: 151M in experts). Cases:
-the native engine at ep 2 and DeepSpeed ZeRO-2 at ep 1 (every optimizer state partitioned over the 2 ranks).
+the native engine at ep 2, DeepSpeed ZeRO-2 at ep 1 (every optimizer state partitioned over the 2 ranks) and
+fsdp at ep 1 (parameters and optimizer state sharded over the 2 ranks, experts over EDP).
 Each save goes through moe_dist.checkpoint.Checkpointer, as in training; its stall is the time the training
 loop is blocked (sync: the whole save with per-rank hashing, digest gather and rename; async: the copy to
 host memory). While an async save writes in the background the benchmark keeps training and times those
@@ -59,6 +60,7 @@ MODEL = [
 CASES = {
     "native ep2": ["parallel.ep=2"],
     "deepspeed zero2 ep1": ["parallel.ep=1", "engine=deepspeed", "engine.zero_stage=2"],
+    "fsdp ep1": ["parallel.ep=1", "engine=fsdp"],
 }
 MIB = 2**20
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from moe_dist import build_mesh
-from moe_dist.moe.buffers import cache_stats
+from moe_dist.memory import AllocatorPeak
 from moe_dist.parallel.mesh import Mesh
 
 PROFILE_TOP_OPS = 12
@@ -259,35 +259,10 @@ def quiet_stderr() -> Iterator[None]:
 
 
 def peak_step_bytes(rt: Runtime, fn: Callable[[], Any]) -> tuple[int, Any]:
-    """(peak bytes allocated during one call of ``fn`` above what was live before it, CPU profiler or None).
-
-    On CPU: the peak of torch's allocations (profiler memory events) plus the peak of moe_dist's row-buffer
-    cache (its mappings are not torch allocations); the two peaks may fall at different moments, so the sum
-    is an upper bound."""
-    if rt.cuda:
-        rt.sync()
-        base = torch.cuda.memory_allocated(rt.device)
-        torch.cuda.reset_peak_memory_stats(rt.device)
+    """(peak bytes allocated during one call of ``fn`` above what was live before it, CPU profiler or None)."""
+    with quiet_stderr(), AllocatorPeak(rt.device) as peak:
         fn()
-        rt.sync()
-        return torch.cuda.max_memory_allocated(rt.device) - base, None
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    cached_before = cache_stats(reset_peak=True)["used_bytes"]
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    cached_peak = cache_stats()["peak_used_bytes"] - cached_before
-    events = [
-        e
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
-    ]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak + cached_peak, prof
+    return peak.bytes, peak.profile
 
 
 def op_profile(prof: Any, wall_s: float) -> dict[str, Any]:

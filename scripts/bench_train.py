@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from bench_common import Floor, PhaseClock, linear_gemm_floor, source_version, timed
 
-from moe_dist.config import Config
+from moe_dist.config import Config, batch_layout
 from moe_dist.distributed import env_world_size
 from moe_dist.engines import native
 from moe_dist.model.transformer import count_parameters, model_flops_per_token
@@ -71,7 +71,7 @@ def gemm_floors(cfg: Config, mesh: Mesh, device: torch.device) -> dict[str, Floo
     products, experts at their uniform-routing row counts), and one 1024³ GEMM."""
     m, moe = cfg.model, cfg.model.moe
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    M = cfg.trainer.micro_batch_size * m.seq_len
+    M = batch_layout(cfg.trainer, world_size=mesh.world_size)[0] * m.seq_len  # rows of one micro-batch
     shapes: list[tuple[int, int, int]] = []  # (rows, in, out)
     for i in range(m.n_layers):
         shapes += [(M, m.dim, m.dim)] * 4  # q, k, v, o

@@ -11,8 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_dist.config import (
+    AUX_LOSS_SCOPES,
     BACKENDS,
     GROUPED_MM_MODES,
+    PRECISIONS,
     ROUTERS,
     Config,
     DataConfig,
@@ -20,6 +22,8 @@ from moe_dist.config import (
     MoEConfig,
     ParallelConfig,
     TrainerConfig,
+    batch_layout,
+    parse_activation_checkpointing,
     validate,
     validate_layout,
     validate_moe,
@@ -208,6 +212,10 @@ FIELDS = {
     "trainer.ckpt_every": ints,
     "trainer.keep_checkpoints": ints,
     "trainer.device": names(("auto", "cpu", "cuda")),
+    "trainer.precision": names(PRECISIONS),
+    "trainer.accum_steps": st.one_of(st.none(), ints),
+    "trainer.activation_checkpointing": names(("none", "full", "moe", "every_n:2", "every_n:0", "every_n:x")),
+    "model.moe.aux_loss_scope": names(AUX_LOSS_SCOPES),
 }
 
 
@@ -287,6 +295,11 @@ ORACLE = {
     "trainer.ckpt_every": lambda v: v >= 0,
     "trainer.keep_checkpoints": lambda v: v >= 1,
     "trainer.device": in_(("auto", "cpu", "cuda")),
+    "trainer.precision": in_(PRECISIONS),
+    "trainer.activation_checkpointing": lambda v: (
+        v in ("none", "full", "moe") or (v.startswith("every_n:") and v[8:].isdigit() and int(v[8:]) >= 1)
+    ),
+    "model.moe.aux_loss_scope": in_(AUX_LOSS_SCOPES),
 }
 
 
@@ -312,6 +325,20 @@ STR_EDGES = {
     "model.moe.grouped_mm": [*GROUPED_MM_MODES, "true"],
     "parallel.backend": [*BACKENDS, "mpi"],
     "trainer.device": ["auto", "cpu", "cuda", "cuda:0", "mps"],
+    "trainer.precision": [*PRECISIONS, "bfloat16", "FP32"],
+    "trainer.activation_checkpointing": [
+        "none",
+        "full",
+        "moe",
+        "every_n:1",
+        "every_n:3",
+        "every_n:0",
+        "every_n:",
+        "every_n:-1",
+        "every_2",
+        "selective",
+    ],
+    "model.moe.aux_loss_scope": [*AUX_LOSS_SCOPES, "batch", ""],
 }
 
 
@@ -340,3 +367,37 @@ def test_single_field_edge_values(key, value):
     else:
         with raises_key(key, value):
             validate(cfg, world_size=2)
+
+
+@pytest.mark.parametrize(
+    "world,trainer,layout",
+    [
+        (1, {"global_batch_size": 16, "micro_batch_size": 4}, (4, 4)),
+        (4, {"global_batch_size": 16, "micro_batch_size": 4}, (4, 1)),
+        (1, {"global_batch_size": 16, "accum_steps": 2}, (8, 2)),
+        (4, {"global_batch_size": 16, "accum_steps": 2}, (2, 2)),
+        (8, {"global_batch_size": 16, "accum_steps": 2, "micro_batch_size": 5}, (1, 2)),  # mbs is ignored
+    ],
+)
+def test_batch_layout_keeps_accum_steps_when_set(world, trainer, layout):
+    t = replace(TrainerConfig(), **trainer)
+    validate(config(trainer=trainer), world_size=world)
+    assert batch_layout(t, world_size=world) == layout
+
+
+def test_accum_steps_a_world_size_cannot_keep_is_refused_with_the_numbers():
+    cfg = config(trainer={"global_batch_size": 16, "accum_steps": 4})
+    validate(cfg, world_size=4)
+    with pytest.raises(
+        ValueError, match=re.escape("trainer.accum_steps=4: cannot be kept at world size 8")
+    ) as e:
+        validate(cfg, world_size=8)
+    assert "global_batch_size=16" in str(e.value) and "8 x 4" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "mode,parsed",
+    [("none", ("none", 0)), ("full", ("every_n", 1)), ("moe", ("moe", 0)), ("every_n:3", ("every_n", 3))],
+)
+def test_activation_checkpointing_modes_parse(mode, parsed):
+    assert parse_activation_checkpointing(mode) == parsed

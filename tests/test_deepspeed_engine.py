@@ -1,8 +1,11 @@
-"""The DeepSpeed engine (ZeRO-0/1/2 over moe_dist's edp x ep mesh) against the native engine.
+"""The DeepSpeed engine (ZeRO-0/1/2 over moe_dist's edp x ep mesh) against the native engine (and the fsdp
+engine: equal runs, and checkpoints resumed across the two).
 
 One spawn of two gloo ranks runs every job in sequence: whole training runs through the trainer (same loss and
 grad norm at every step with clipping active, cross-engine resume across EP sizes), then the engines driven
-directly (gradient accumulation, a skipped non-finite step, optimizer slots, optimizer-state memory). The
+directly (gradient accumulation, a skipped non-finite step, optimizer slots, optimizer-state memory, save and
+load memory with native, ZeRO and fsdp). An fsdp run at world 1 in this process, before and after the spawn,
+saves a checkpoint that ZeRO-2 resumes at world 2 and resumes one of ZeRO-2's. The
 config checks run in this process and need no DeepSpeed import (DeepSpeed picks its accelerator at import:
 the engine imports it, for the CPU here).
 """
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from harness import spawn_ranks
 from training_runs import TINY, compose_config, run
 
@@ -84,6 +88,14 @@ RUNS = {
         *BF16,
         "trainer.resume={root}/bf16_zero2_ep2/checkpoints/step_3",
     ],
+    "fsdp_ep2": ["parallel.ep=2", "engine=fsdp", "trainer.ckpt_every=3"],
+    # Activation checkpointing under ZeRO-2: the same run.
+    "zero2_ep2_ac_full": [
+        "parallel.ep=2",
+        *DEEPSPEED,
+        "engine.zero_stage=2",
+        "trainer.activation_checkpointing=full",
+    ],
     # Cross-engine resume from the step-3 checkpoints above, at the other EP size.
     "native_ep1_from_zero2_ep2": ["parallel.ep=1", "trainer.resume={root}/zero2_ep2/checkpoints/step_3"],
     "zero2_ep1_from_native_ep2": [
@@ -92,7 +104,30 @@ RUNS = {
         "engine.zero_stage=2",
         "trainer.resume={root}/native_ep2/checkpoints/step_3",
     ],
+    "fsdp_ep1_from_zero2_ep2": [
+        "parallel.ep=1",
+        "engine=fsdp",
+        "trainer.resume={root}/zero2_ep2/checkpoints/step_3",
+    ],
+    "zero2_ep1_from_fsdp_ep2": [
+        "parallel.ep=1",
+        *DEEPSPEED,
+        "engine.zero_stage=2",
+        "trainer.resume={root}/fsdp_ep2/checkpoints/step_3",
+    ],
+    # Across world sizes: the world-1 fsdp run (WORLD1_BEFORE) resumed by ZeRO-2 at world 2.
+    "zero2_ep2_from_fsdp_w1": [
+        "parallel.ep=2",
+        *DEEPSPEED,
+        "engine.zero_stage=2",
+        "trainer.resume={root}/fsdp_w1/checkpoints/step_3",
+    ],
 }
+# World 1 in this process, before and after the world-2 runs; 2 micro-steps of 4 sequences, the micro-steps
+# of world 2 with trainer.micro_batch_size=2 (the same function; fsdp starts a one-rank process group).
+WORLD1 = ["trainer.accum_steps=2", "engine=fsdp"]
+WORLD1_BEFORE = {"fsdp_w1": [*WORLD1, "trainer.ckpt_every=3"]}
+WORLD1_AFTER = {"fsdp_w1_from_zero2_ep2": [*WORLD1, "trainer.resume={root}/zero2_ep2/checkpoints/step_3"]}
 ENGINE_CASES = {  # (ep, engine overrides) for the engine-level checks
     "native_ep1": (1, []),
     "zero1_ep1": (1, [*DEEPSPEED, "engine.zero_stage=1"]),
@@ -107,6 +142,7 @@ MEMORY_CASES = {
     "native": [],
     "zero2": [*DEEPSPEED, "engine.zero_stage=2"],
     "bf16_zero1": [*DEEPSPEED, "engine.zero_stage=1", *BF16, ACCUMULATE_FP32],
+    "fsdp": ["engine=fsdp"],
 }
 
 
@@ -220,7 +256,8 @@ def checkpoint_memory(rank: int, root: str, overrides: list[str]) -> dict[str, i
         engine.zero_grad()
 
     def state() -> dict:
-        return model_state(model, mesh) | engine.checkpoint_state()
+        engine_state = engine.checkpoint_state()  # first: fsdp reshards there
+        return model_state(model, mesh) | engine_state
 
     def save() -> None:
         meta = {"model": dataclasses.asdict(cfg.model)}
@@ -246,9 +283,21 @@ def checkpoint_memory(rank: int, root: str, overrides: list[str]) -> dict[str, i
     }
 
 
-def world2_jobs(rank: int, world_size: int, root: str) -> dict:
-    for name, overrides in RUNS.items():
+def run_all(runs: dict[str, list[str]], root: str) -> None:
+    for name, overrides in runs.items():
         run([*COMMON, *(o.format(root=root) for o in overrides), f"trainer.out_dir={root}/{name}"])
+
+
+def run_world1(runs: dict[str, list[str]], root: str) -> None:
+    try:
+        run_all(runs, root)
+    finally:
+        if dist.is_initialized():  # fsdp's one-rank process group
+            dist.destroy_process_group()
+
+
+def world2_jobs(rank: int, world_size: int, root: str) -> dict:
+    run_all(RUNS, root)
     out = {name: engine_trajectory(rank, ep, overrides) for name, (ep, overrides) in ENGINE_CASES.items()}
     out["memory"] = {
         name: checkpoint_memory(rank, f"{root}/memory_{name}", o) for name, o in MEMORY_CASES.items()
@@ -265,7 +314,10 @@ def results(tmp_path_factory) -> tuple[Path, list[dict]]:
     # is allocated and its peak (VmHWM) measures a phase's own allocations.
     saved, os.environ["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_"), str(1 << 17)
     try:
-        return root, spawn_ranks(2, world2_jobs, str(root))
+        run_world1(WORLD1_BEFORE, str(root))
+        ranks = spawn_ranks(2, world2_jobs, str(root))
+        run_world1(WORLD1_AFTER, str(root))
+        return root, ranks
     finally:
         if saved is None:
             del os.environ["MALLOC_MMAP_THRESHOLD_"]
@@ -341,8 +393,9 @@ def test_bf16_resume_restores_the_fp32_masters_bitwise(results, case):
 def test_save_and_load_memory_stay_within_a_piece_of_the_live_state(results):
     """Peak memory above the live state, per rank (world 2, ep 1, 3.3M parameters): a save holds at most
     about one piece beyond what the rank already holds, a checkpoint read about two (the record read and
-    its copy), and a whole resume less than a training step's own transient memory. Gathering full AdamW
-    slots (8 bytes per parameter, as before this layout) would exceed each bound by far."""
+    its copy), and a whole resume less than a training step's own transient memory; native, ZeRO-2, bf16
+    ZeRO-1 and fsdp. Gathering full AdamW slots (8 bytes per parameter, as before this layout) would exceed
+    each bound by far (and so does an fsdp engine whose checkpoint_state gathers its DTensors: tested)."""
     _, ranks = results
     mib = 2**20
     for rank, by_case in enumerate(ranks):
@@ -360,6 +413,19 @@ def test_save_and_load_memory_stay_within_a_piece_of_the_live_state(results):
             assert 8 * m["parameters"] > 2 * (2 * m["largest_piece"] + slack)
 
 
+@pytest.mark.parametrize("case", ["fsdp_ep2", "fsdp_w1"])
+def test_fsdp_matches_native_with_clipping_and_accumulation(results, case):
+    """fp32, two micro-steps, clipping active on some steps, fsdp at world 2 and at world 1 (the fp64 proofs:
+    test_fsdp_engine.py)."""
+    root, _ = results
+    assert_same_run(records(root / "native_ep2"), records(root / case), range(1, STEPS + 1))
+
+
+def test_activation_checkpointing_under_zero2_gives_the_same_run(results):
+    root, _ = results
+    assert_same_run(records(root / "zero2_ep2"), records(root / "zero2_ep2_ac_full"), range(1, STEPS + 1))
+
+
 def test_zero0_matches_native(results):
     root, _ = results
     assert_same_run(records(root / "native_ep2"), records(root / "zero0_ep2"), range(1, STEPS + 1))
@@ -367,7 +433,14 @@ def test_zero0_matches_native(results):
 
 @pytest.mark.parametrize(
     ("resumed", "uninterrupted"),
-    [("native_ep1_from_zero2_ep2", "zero2_ep2"), ("zero2_ep1_from_native_ep2", "native_ep2")],
+    [
+        ("native_ep1_from_zero2_ep2", "zero2_ep2"),
+        ("zero2_ep1_from_native_ep2", "native_ep2"),
+        ("fsdp_ep1_from_zero2_ep2", "zero2_ep2"),
+        ("zero2_ep1_from_fsdp_ep2", "fsdp_ep2"),
+        ("zero2_ep2_from_fsdp_w1", "fsdp_w1"),
+        ("fsdp_w1_from_zero2_ep2", "zero2_ep2"),
+    ],
 )
 def test_checkpoints_resume_across_engines_and_ep_sizes(results, resumed, uninterrupted):
     root, _ = results

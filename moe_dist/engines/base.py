@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -55,17 +54,21 @@ def zero_adam_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def live_state(
-    model: nn.Module, adam_state: Callable[[nn.Parameter], dict[str, torch.Tensor]], *, mesh: Mesh
-) -> dict[str, GlobalTensor]:
-    """``checkpoint_state`` of an engine whose AdamW steps the model's own fp32 tensors: those tensors and
-    their slots (``adam_state(p)``), experts as DTensors over ep."""
+def live_state(model: nn.Module, optimizer: torch.optim.Optimizer, *, mesh: Mesh) -> dict[str, GlobalTensor]:
+    """``checkpoint_state`` of an engine whose torch AdamW steps the model's own fp32 tensors: those tensors and
+    their slots, aliasing the live state; experts as DTensors over ep (a DTensor, e.g. an FSDP2 shard, stays as
+    it is). A fresh optimizer gets zero slots first, so that a load has tensors to fill in place."""
+    known = {id(p) for group in optimizer.param_groups for p in group["params"]}
     experts = {id(p) for p in split_parameters(model)[1]}
     state: dict[str, GlobalTensor] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        slots = adam_state(p)
+        # A tensor the optimizer does not step (e.g. a gathered FSDP parameter) would get zero slots silently.
+        assert id(p) in known, f"{name} is not a parameter of the optimizer"
+        slots = optimizer.state[p]
+        if not slots:
+            slots.update(zero_adam_state(p))
         tensors = {f"model.{name}": p.detach()} | {f"optim.{name}.{key}": slots[key] for key in ADAM_SLOTS}
         for key, t in tensors.items():
             state[key] = expert_dtensor(t, mesh) if id(p) in experts else t

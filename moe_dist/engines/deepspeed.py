@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_dist.config import EngineConfig, TrainerConfig
+from moe_dist.config import EngineConfig, TrainerConfig, batch_layout
 from moe_dist.engines.base import live_state, zero_adam_state
 from moe_dist.moe.experts import GroupedExperts
 from moe_dist.optim import build_optimizer
@@ -127,10 +127,10 @@ def deepspeed_config(engine: EngineConfig, trainer: TrainerConfig, *, world_size
             "engine.deepspeed.bf16: needs engine.zero_stage=1 or 2 (DeepSpeed's stage-0 bf16 optimizer keeps "
             "no per-parameter fp32 fragments to read slots and gradients from)"
         )
-    accum = trainer.global_batch_size // (world_size * trainer.micro_batch_size)
+    micro_batch_size, accum = batch_layout(trainer, world_size=world_size)
     config: dict[str, Any] = {
         "train_batch_size": trainer.global_batch_size,
-        "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": 0.0,
         "zero_optimization": {"stage": engine.zero_stage},
@@ -361,7 +361,7 @@ class DeepSpeedEngine:
         parameter's owned range of its flattened elements, views of DeepSpeed's flat fp32 partitions; nothing
         is gathered or copied. Stage 0: the live tensors, as the native engine."""
         if not self.partitioned:
-            return live_state(self.model, lambda p: self.adam.state[p], mesh=self.mesh)
+            return live_state(self.model, self.adam, mesh=self.mesh)
         experts = {id(p) for p in split_parameters(self.model)[1]}
         step = self._step_count()
         state: dict[str, GlobalTensor] = {}

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from moe_dist.config import EngineConfig, TrainerConfig
-from moe_dist.engines.base import live_state, zero_adam_state
+from moe_dist.engines.base import live_state
 from moe_dist.optim import build_optimizer, set_lr
 from moe_dist.parallel.apply import OverlappedGradSync, clip_gradients_, global_grad_norm, sync_gradients
 from moe_dist.parallel.layout import GlobalTensor
@@ -58,14 +58,7 @@ class NativeEngine:
 
     def checkpoint_state(self) -> dict[str, GlobalTensor]:
         """The live parameters (fp32: they are the masters) and AdamW slots, experts as DTensors over ep."""
-        return live_state(self.model, self._adam_state, mesh=self.mesh)
-
-    def _adam_state(self, p: nn.Parameter) -> dict[str, torch.Tensor]:
-        """AdamW's state of ``p``; a fresh optimizer gets zero slots first, so that a load has tensors to fill."""
-        state = self.optimizer.state[p]
-        if not state:
-            state.update(zero_adam_state(p))
-        return state
+        return live_state(self.model, self.optimizer, mesh=self.mesh)
 
     def after_checkpoint_load(self, state: dict[str, GlobalTensor]) -> None:
         """Nothing to do: ``checkpoint_state`` returned the live tensors, which the load filled in place."""

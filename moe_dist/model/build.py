@@ -1,8 +1,10 @@
 """The one place a model is built: from a config, a moe_dist checkpoint or a Hugging Face directory.
 
-Every path is the same four moves: the single-device ``Transformer`` on the meta device → sharded over the
-mesh (``parallelize_moe``) → materialised on the device → initialised (seeded per parameter and per global
-expert, then overwritten by what it starts from). The trainer, generation, export and the scripts call it.
+Every path is the same four moves: the single-device ``Transformer`` on the meta device (in the precision's
+parameter dtype) → sharded over the mesh (``parallelize_moe``; activation checkpointing hooks; with
+engine=fsdp, ``parallelize_fsdp``) → materialised on the device (only the shards) → initialised (seeded per
+parameter and per global expert, then overwritten by what it starts from). The trainer, generation, export
+and the scripts call it.
 """
 
 from __future__ import annotations
@@ -15,16 +17,26 @@ import torch
 from moe_dist.checkpoint import load_checkpoint, model_state, read_meta, resolve_checkpoint
 from moe_dist.config import Config, ModelConfig, MoEConfig, TrainerConfig
 from moe_dist.model.transformer import Transformer
-from moe_dist.parallel.apply import parallelize_moe
+from moe_dist.parallel.apply import apply_activation_checkpointing, parallelize_fsdp, parallelize_moe
 from moe_dist.parallel.mesh import Mesh
+from moe_dist.precision import param_dtype, resolve_precision
 
 
 def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> Transformer:
     """Single-device model on the meta device → sharded by the mesh → materialised → seeded init
     (→ the weights of ``model.init_from``, a local Hugging Face directory, when set)."""
     with torch.device("meta"):
-        model = Transformer(cfg.model)
+        model = Transformer(cfg.model).to(param_dtype(cfg.trainer.precision))
     parallelize_moe(model, mesh)
+    apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
+    if cfg.trainer.compile:
+        model.compile_blocks()  # compiled at the first forward; before FSDP wraps the blocks (torchtitan's order)
+    if cfg.engine.name == "fsdp":
+        bf16 = resolve_precision(cfg.trainer.precision, device) == "bf16"
+        e = cfg.engine
+        parallelize_fsdp(
+            model, mesh, bf16=bf16, reshard_after_forward=e.reshard_after_forward, prefetch=e.prefetch
+        )
     model.to_empty(device=device)
     model.init_weights(cfg.trainer.seed)
     if cfg.model.init_from:

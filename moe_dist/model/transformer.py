@@ -15,24 +15,30 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from moe_dist.config import ModelConfig
 from moe_dist.moe.experts import GroupedExperts
 from moe_dist.moe.layer import MoELayer, SwiGLU
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    seq_len: int, head_dim: int, theta: float, device=None, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [S, Dh] in the rotate-half layout (the first and second half of a head form the pairs)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=dtype), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
+    """Rotates in the tables' dtype (fp32; fp64 in fp64 mode), returns the input dtype."""
     x1, x2 = x_BHSDh.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x_BHSDh.float() * cos_SDh + rotated.float() * sin_SDh).type_as(x_BHSDh)
+    acc = cos_SDh.dtype
+    return (x_BHSDh.to(acc) * cos_SDh + rotated.to(acc) * sin_SDh).type_as(x_BHSDh)
 
 
 class LayerKVCache:
@@ -179,27 +185,48 @@ class Transformer(nn.Module):
                 expert_params[f"{mod_name}.w_gate_up"] = (mod, std)
                 expert_params[f"{mod_name}.w_down"] = (mod, out_std)
         for name, p in self.named_parameters():
+            local, offset = _local_shard(p)  # sharded parameters (engine=fsdp): each rank fills its part
             if name in expert_params:
                 mod, p_std = expert_params[name]
-                for i in range(p.shape[0]):  # global expert id → generator: same weights at any EP degree
-                    _fill_normal(p[i], p_std, seed, f"{name}[{mod.expert_offset + i}]")
+                first = offset[0] if isinstance(p, DTensor) else mod.expert_offset
+                for i in range(local.shape[0]):  # global expert id → generator: same weights at any EP degree
+                    key = f"{name}[{first + i}]"
+                    _fill_normal(local[i], p_std, seed, key, full_shape=p.shape[1:], offset=offset[1:])
             elif name.endswith("norm.weight"):
-                p.fill_(1.0)
+                local.fill_(1.0)
             elif name.endswith("noise_weight"):
-                p.zero_()
+                local.zero_()
             else:
                 is_out = name.endswith(("wo.weight", "w_down.weight"))
-                _fill_normal(p, out_std if is_out else std, seed, name)
+                _fill_normal(local, out_std if is_out else std, seed, name, full_shape=p.shape, offset=offset)
         for m in self.moe_layers():
             m.router.expert_bias.zero_()
-        cos, sin = rope_tables(self.cfg.seq_len, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
+        cos, sin = rope_tables(
+            self.cfg.seq_len, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, dtype=self.rope_cos.dtype
+        )
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
 
-def _fill_normal(t: torch.Tensor, std: float, seed: int, key: str) -> None:
+def _local_shard(p: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The part of ``p`` this rank holds and its offset in the full tensor (a plain tensor: all of it)."""
+    if isinstance(p, DTensor):
+        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        return p.to_local(), tuple(offset)
+    return p, (0,) * p.dim()
+
+
+def _fill_normal(
+    t: torch.Tensor, std: float, seed: int, key: str, *, full_shape=None, offset: tuple[int, ...] = ()
+) -> None:
+    """``t`` ← its slice (at ``offset``) of N(0, std²) drawn for the full tensor by a generator of (seed, key).
+
+    The full tensor is drawn on every rank (one parameter, or one expert, at a time): a generator's stream
+    cannot be entered in the middle, and the values must not depend on how the tensor is sharded.
+    """
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (1 << 62))
-    t.copy_(torch.randn(t.shape, generator=gen) * std)
+    full = torch.randn(full_shape or t.shape, generator=gen) * std
+    t.copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, t.shape))])
 
 
 def count_parameters(model: Transformer) -> dict[str, int]:

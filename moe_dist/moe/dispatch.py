@@ -7,7 +7,7 @@ dispatch: order the copies by (chunk, expert), drops last → exchange the count
           sync) → gather the kept copies straight into the send buffer → all_to_all with uneven splits.
           Received rows stay in (source rank, local expert) order; ``ExpertRows`` tells the experts where
           each segment lies, so no reorder copy is made.
-combine:  the mirror: all_to_all back → Σ_k gate·y into fp32 rows in one fused pass.
+combine:  the mirror: all_to_all back → Σ_k gate·y in one fused pass, into fp32 rows (fp64 in fp64 mode).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 
 from moe_dist.moe.buffers import new_rows
+from moe_dist.precision import accum_dtype
 from moe_dist.transfer import int_tensor, to_device
 
 
@@ -132,11 +133,6 @@ def send_order(
 COMBINE_BLOCK_BYTES = 1 << 20  # CPU: gate-weighted rows are formed this many bytes at a time (cache-sized)
 
 
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32, or fp64 for fp64 gate weights: the dtype the combine sums in."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _blocks(rows_MD: torch.Tensor) -> list[slice]:
     """Row blocks of COMBINE_BLOCK_BYTES on CPU (temporaries stay in cache); one block on GPUs."""
     M = rows_MD.shape[0]
@@ -243,7 +239,7 @@ class Plan:
 
     num_tokens: int
     token_idx_M: torch.Tensor  # token row of each kept copy, in send order: (chunk, expert)
-    weights_M: torch.Tensor  # gate weight of each kept copy (fp32, fp64 for fp64 weights), same order
+    weights_M: torch.Tensor  # gate weight of each kept copy (fp32; fp64 in fp64 mode), same order
     x_MD: torch.Tensor  # the kept copies, same order: the send buffer
     kept_CE: torch.Tensor  # kept copies per (chunk, global expert) on this rank (device)
     counts_PCE: list[list[list[int]]] | None  # the same for every EP rank, on the host (None: not read)
@@ -348,7 +344,7 @@ class TokenDispatcher:
         return Plan(
             num_tokens=T,
             token_idx_M=token_idx_M,
-            weights_M=weights_TK.reshape(-1)[order_N].to(accumulate_dtype(weights_TK.dtype)),
+            weights_M=weights_TK.reshape(-1)[order_N].to(accum_dtype(weights_TK)),
             x_MD=_GatherRows.apply(x_TD, token_idx_M),  # gathered straight into send order
             kept_CE=kept_CE,
             counts_PCE=counts_PCE,

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moe_dist.moe.buffers import new_rows
 from moe_dist.moe.dispatch import ExpertRows
@@ -154,7 +155,10 @@ class GroupedExperts(nn.Module):
             else None
         )
         dtype = dtype or self.w_gate_up.dtype
-        x_RD, w_gate_up, w_down = x_RD.to(dtype), self.w_gate_up.to(dtype), self.w_down.to(dtype)
+        w_gate_up, w_down = self.w_gate_up, self.w_down
+        if isinstance(w_gate_up, DTensor):  # engine=fsdp: gathered, a DTensor of this EP rank's L experts
+            w_gate_up, w_down = w_gate_up.to_local(), w_down.to_local()
+        x_RD, w_gate_up, w_down = x_RD.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
         if not self.uses_grouped_mm(dtype, x_RD.device):
             return _SegmentSwiGLU.apply(x_RD, w_gate_up, w_down, rows.segments())
         order_R = rows.expert_major_order()

@@ -78,10 +78,11 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_TD = x.reshape(-1, x.shape[-1])
-        routing = self.router(x_TD)
+        # [..., S, D]: sequences of S tokens (the sequence aux-loss scope); a 2-D input is one sequence.
+        routing = self.router(x_TD, seq_len=x.shape[-2] if x.dim() >= 3 else None)
         y_TD = self.routed_experts(x_TD, routing)
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD).float()
+            y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
         return y_TD.to(x.dtype).view(x.shape)
 
     @torch.compiler.disable

@@ -7,6 +7,10 @@ Loss convention: every rank computes its loss so that the mean over the W ranks 
   summed the contributions of every rank in the EP group, so all-reduce sum over EDP covers all W ranks,
   and the divisor is W as well (not edp: averaging over EDP alone would leave them ep times too large).
 Each gradient then equals the single-device gradient of the global-mean loss.
+
+With ``engine=fsdp`` (``parallelize_fsdp``) the same semantics hold with sharded parameters: FSDP2's
+reduce-scatter averages dense gradients over the world and expert gradients over EDP, and the engine divides
+the expert gradients by ep once more (``scale_expert_grads_``), which makes them sum / W as well.
 """
 
 from __future__ import annotations
@@ -16,11 +20,16 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
 
+from moe_dist.config import parse_activation_checkpointing
 from moe_dist.moe.dispatch import TokenDispatcher
 from moe_dist.moe.experts import GroupedExperts
 from moe_dist.moe.layer import MoELayer
 from moe_dist.parallel.mesh import Mesh
+from moe_dist.precision import accum_dtype
 
 BUCKET_NUMEL = 1 << 24  # elements per flattened all-reduce bucket
 
@@ -53,6 +62,81 @@ def parallelize_moe(model: nn.Module, mesh: Mesh) -> nn.Module:
             overlap_chunks=layer.cfg.overlap_chunks,
         )
         layer.router.dp_group, layer.router.dp_size = mesh.world_group, mesh.world_size
+    return model
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
+    """Recompute in backward instead of keeping activations (``trainer.activation_checkpointing``), in place.
+
+    ``full`` / ``every_n:<n>``: the whole block (every n-th), its exchanges included; ``moe``: the grouped
+    expert compute only, between the two all-to-alls: the routing decisions and the exchanged rows are kept,
+    so recompute neither repeats an all-to-all nor can change a top-k choice. torch's composable
+    ``checkpoint`` puts the recompute on forward hooks: parameter names (checkpoints) stay as they are and
+    FSDP2 can shard the same modules afterwards.
+    """
+    kind, every = parse_activation_checkpointing(mode)
+    if kind == "moe":
+        for layer in model.modules():
+            if isinstance(layer, MoELayer):
+                checkpoint(layer.experts)
+    elif kind == "every_n":
+        for i, block in enumerate(model.layers):
+            if i % every == 0:
+                # early_stop=False: the recompute always runs the whole block, so every rank issues the
+                # block's collectives in backward whatever tensors it happened to save.
+                checkpoint(block, early_stop=False)
+    return model
+
+
+def parallelize_fsdp(
+    model: nn.Module, mesh: Mesh, *, bf16: bool, reshard_after_forward: bool, prefetch: int = 0
+) -> nn.Module:
+    """Shards the parameters with FSDP2 (in place; after ``parallelize_moe`` and activation checkpointing,
+    on the meta device or on real tensors): dense parameters over all W ranks, one unit per block plus the
+    embedding and the head; expert parameters over their EDP group.
+
+    Experts first become DTensors of the global [E, ...] tensor on the ``ep`` sub-mesh (Shard(0): this EP
+    rank's L experts), then FSDP shards them over ``edp``: a 2-D (edp, ep) DTensor whose files in a checkpoint
+    hold the global layout. FSDP splits dim 0 (the L local experts) when edp divides L, else dim 1 (the model
+    dim), so that no rank gets an empty shard. ``bf16``: parameters are gathered in bf16 and gradients
+    reduced in fp32 (``MixedPrecisionPolicy``); each router is a unit of its own kept in fp32. ``prefetch``:
+    each unit issues the all-gathers of the next ``prefetch`` units (forward) and of the previous ones
+    (backward) itself, before its own compute, instead of when the CPU reaches them.
+    Needs a process group, also at world 1 (``mesh.device_mesh`` is not None).
+    """
+    assert mesh.device_mesh is not None, "engine=fsdp needs a process group, also at world 1"
+    dp_mesh = mesh.device_mesh._flatten("dp")  # all W ranks, the same order as the (edp, ep) mesh
+    edp_mesh, ep_mesh = mesh.device_mesh["edp"], mesh.device_mesh["ep"]
+    # cast_forward_inputs=False: the rope tables a block receives stay fp32 (inputs are bf16 already).
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None,
+        reduce_dtype=torch.float32 if bf16 else None,
+        cast_forward_inputs=False,
+    )
+    options = {"mp_policy": policy, "reshard_after_forward": reshard_after_forward}
+    for block in model.layers:
+        if isinstance(block.ffn, MoELayer):
+            experts: GroupedExperts = block.ffn.experts
+            split_dim = 0 if experts.num_local_experts % mesh.edp == 0 else 1
+            if mesh.ep > 1:
+                for name in ("w_gate_up", "w_down"):
+                    shard = getattr(experts, name)
+                    global_view = DTensor.from_local(shard.detach(), ep_mesh, [Shard(0)], run_check=False)
+                    setattr(experts, name, nn.Parameter(global_view, requires_grad=shard.requires_grad))
+            fully_shard(experts, mesh=edp_mesh, shard_placement_fn=lambda p, d=split_dim: Shard(d), **options)
+            if bf16:
+                router_policy = MixedPrecisionPolicy(param_dtype=torch.float32, cast_forward_inputs=False)
+                fully_shard(block.ffn.router, mesh=dp_mesh, mp_policy=router_policy)
+        fully_shard(block, mesh=dp_mesh, **options)
+    fully_shard(model.tok_embeddings, mesh=dp_mesh, **options)
+    # The head runs last in forward and first in backward: resharding it in between would only regather it.
+    fully_shard(model.output, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=dp_mesh, **options)
+    if prefetch:
+        units = [model.tok_embeddings, *model.layers, model.output]
+        for i, unit in enumerate(units):
+            unit.set_modules_to_forward_prefetch(units[i + 1 : i + 1 + prefetch])
+            unit.set_modules_to_backward_prefetch(units[max(0, i - prefetch) : i][::-1])
     return model
 
 
@@ -200,11 +284,11 @@ def _numel(params: list[nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
 
 
-def _sum_of_squares(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+def _sum_of_squares(params: list[nn.Parameter], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros((), device=device)
-    return torch.stack(torch._foreach_norm(grads)).float().square().sum()
+        return torch.zeros((), device=device, dtype=dtype)
+    return torch.stack(torch._foreach_norm(grads)).to(dtype).square().sum()
 
 
 @torch.no_grad()
@@ -216,16 +300,49 @@ def global_grad_norm(model: nn.Module, mesh: Mesh) -> torch.Tensor:
     world; averaging per-rank norms, a known bug elsewhere, is wrong for any ep > 1).
     """
     dense, expert = split_parameters(model)
-    device = next(model.parameters()).device
-    expert_sq = _sum_of_squares(expert, device)
+    first = next(model.parameters())
+    dtype = accum_dtype(first)  # fp32; fp64 in fp64 mode
+    expert_sq = _sum_of_squares(expert, first.device, dtype)
     if mesh.ep_group is not None:
         dist.all_reduce(expert_sq, group=mesh.ep_group)
-    return (_sum_of_squares(dense, device) + expert_sq).sqrt()
+    return (_sum_of_squares(dense, first.device, dtype) + expert_sq).sqrt()
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a plain tensor as it is)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def scale_expert_grads_(model: nn.Module, factor: float) -> None:
+    """Multiplies every expert gradient (this rank's shard) by ``factor``."""
+    _, expert = split_parameters(model)
+    grads = [local_tensor(p.grad) for p in expert if p.grad is not None]
+    if grads and factor != 1:
+        torch._foreach_mul_(grads, factor)
+
+
+@torch.no_grad()
+def sharded_grad_norm(model: nn.Module, mesh: Mesh) -> torch.Tensor:
+    """Exact L2 norm of the full gradient when every parameter is sharded (engine=fsdp), identical on all
+    ranks: each element of each gradient lives on exactly one rank (dense: one of W; experts: one of the
+    edp x ep grid), so one world sum of the local squares counts everything once. torch's
+    ``clip_grad_norm_`` cannot do this here: it stacks norms of DTensors on two different meshes."""
+    params = list(model.parameters())
+    dtype = accum_dtype(params[0])
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
+    grads = [g for g in grads if g.numel()]  # an uneven Shard(0) can leave a rank an empty shard
+    total = torch.zeros((), dtype=dtype, device=local_tensor(params[0]).device)
+    if grads:
+        total = torch.stack(torch._foreach_norm(grads)).to(dtype).square().sum()
+    if mesh.world_group is not None:
+        dist.all_reduce(total, group=mesh.world_group)
+    return total.sqrt()
 
 
 @torch.no_grad()
 def clip_gradients_(model: nn.Module, *, max_norm: float, total_norm: torch.Tensor) -> None:
     """Scales all gradients by min(1, max_norm / total_norm); the same factor on every rank."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads = [local_tensor(p.grad) for p in model.parameters() if p.grad is not None]
     if max_norm > 0 and grads:
         torch._foreach_mul_(grads, (max_norm / (total_norm + 1e-6)).clamp(max=1.0))
