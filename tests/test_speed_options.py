@@ -19,6 +19,7 @@ import re
 import pytest
 import torch
 from harness import spawn_ranks
+from torch.distributed.tensor import DTensor
 from training_runs import TINY, compose_config
 
 from moe_dist.trainer import build_run, train_step
@@ -37,9 +38,22 @@ MODES = {
     "chunks": [FP64, "engine.overlap_grad_sync=false", "model.moe.overlap_chunks=3"],
     "chunks_grad_overlap": [FP64, "engine.grad_bucket_mb=0.01", "model.moe.overlap_chunks=2"],
     "compiled": [FP64, "engine.overlap_grad_sync=false", "trainer.compile=true"],
+    # compile composes with FSDP2 and block activation checkpointing (compiled before fully_shard wraps)
+    "fsdp_ac_full": [FP64, "engine=fsdp", "trainer.activation_checkpointing=full"],
+    "fsdp_ac_full_compiled": [
+        FP64,
+        "engine=fsdp",
+        "trainer.activation_checkpointing=full",
+        "trainer.compile=true",
+    ],
     "after_backward_fp32": ["trainer.precision=fp32", "engine.overlap_grad_sync=false"],
     "compiled_fp32": ["trainer.precision=fp32", "engine.overlap_grad_sync=false", "trainer.compile=true"],
 }
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (fsdp), or the tensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def record_run(overrides: list[str]) -> dict:
@@ -54,7 +68,7 @@ def record_run(overrides: list[str]) -> dict:
         def phase(name: str, grads=grads):
             if name == "optimizer":  # reduced, not yet clipped
                 grads.update(
-                    {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
+                    {n: local(p.grad).clone() for n, p in run.model.named_parameters() if p.grad is not None}
                 )
             yield
 
@@ -62,11 +76,11 @@ def record_run(overrides: list[str]) -> dict:
         record = run.stats.record()
         steps.append({"loss": record["loss"], "grad_norm": result.grad_norm.item(), "grads": grads})
         run.stats.reset()
-    sync = run.engine.overlap
+    sync = getattr(run.engine, "overlap", None)
     return {
         "steps": steps,
-        "buckets": len(sync.buckets),
-        "launched_in_backward": sync.launched_in_backward,
+        "buckets": len(sync.buckets) if sync else 0,
+        "launched_in_backward": sync.launched_in_backward if sync else 0,
         "graph_breaks": graph_breaks(),
         "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
     }
@@ -119,6 +133,7 @@ def test_grad_overlap_is_bitwise_equal_to_sync_after_backward(ranks):
         ("chunks", "after_backward", 1e-12),
         ("chunks_grad_overlap", "after_backward", 1e-12),
         ("compiled", "after_backward", 1e-12),
+        ("fsdp_ac_full_compiled", "fsdp_ac_full", 1e-12),
         ("compiled_fp32", "after_backward_fp32", 1e-5),
     ],
 )
@@ -136,7 +151,7 @@ def test_compile_breaks_the_graph_only_around_the_exchange(ranks):
     """The dense parts (attention, norms, dense FFN, router scores, shared experts) stay in whole graphs; the
     graph breaks only at the two functions kept eager on purpose."""
     for rank in ranks:
-        for mode in ("compiled", "compiled_fp32"):
+        for mode in ("compiled", "compiled_fp32", "fsdp_ac_full_compiled"):
             assert rank[mode]["graph_breaks"] == {"MoELayer.routed_experts", "_all_reduce_sum"}
             assert rank[mode]["graphs"] >= 3  # MoE block (before, between, after the breaks), dense block
         assert rank["after_backward"]["graphs"] == 0  # the counters see only the compiled run
