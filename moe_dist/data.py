@@ -39,6 +39,7 @@ import torch
 from moe_dist.config import DATASETS, DataConfig
 from moe_dist.model.loss import IGNORE_INDEX
 from moe_dist.shards import DOC_DTYPE, EXTENSIONS, MASK_DTYPE, TOKENIZER_FILE, manifest_path, read_manifest
+from moe_dist.transfer import to_device
 
 BYTE_VOCAB = 256
 FILE_SEPARATOR = b"\n\n"
@@ -159,9 +160,14 @@ class Batch:
     global_targets: int  # targets carrying loss in the *global* batch (for the token-mean loss)
 
     def rows(self, rows: slice, device: torch.device | str = "cpu") -> Batch:
-        doc_ids = None if self.doc_ids is None else self.doc_ids[rows].to(device)
+        """These rows with every tensor field on ``device`` (pinned, non-blocking copies on CUDA)."""
+        device = torch.device(device)
+        doc_ids = None if self.doc_ids is None else to_device(self.doc_ids[rows], device)
         return replace(
-            self, inputs=self.inputs[rows].to(device), targets=self.targets[rows].to(device), doc_ids=doc_ids
+            self,
+            inputs=to_device(self.inputs[rows], device),
+            targets=to_device(self.targets[rows], device),
+            doc_ids=doc_ids,
         )
 
     def model_kwargs(self) -> dict:
