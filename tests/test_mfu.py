@@ -29,6 +29,29 @@ def test_model_flops_per_token_by_hand():
     assert model_flops_per_token(model) == 6 * active + 6 * 2 * D * 16
 
 
+def test_model_flops_per_token_with_gqa_head_dim_and_tied_embeddings():
+    """Grouped K/V heads narrow k and v, not the attention products (they run at the query width
+    n_heads·head_dim); a tied embedding is still the head's matmul, so it counts once."""
+    cfg = ModelConfig(
+        vocab_size=256,
+        dim=32,
+        n_layers=1,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=12,
+        qk_norm="head",
+        tie_embeddings=True,
+        seq_len=16,
+        ffn_hidden=64,
+        moe=MoEConfig(num_experts=0),
+    )
+    model = Transformer(cfg)
+    D, V, q_dim, kv_dim = 32, 256, 4 * 12, 2 * 12
+    attention = 2 * D * q_dim + 2 * D * kv_dim + 2 * 12 + 2 * D  # q, o, k, v, q/k norms, block norms
+    active = attention + 3 * D * 64 + D + V * D  # dense FFN, final norm, the tied head
+    assert model_flops_per_token(model) == 6 * active + 6 * 1 * q_dim * 16
+
+
 def test_peak_from_config_gpu_table_or_measured(monkeypatch):
     cuda = torch.device("cuda")  # only its type is read: no GPU needed
     assert mfu.device_peak_tflops(cuda, torch.bfloat16, configured=123.0) == (123.0, "trainer.peak_tflops")
