@@ -9,12 +9,18 @@ hide in rounding. Gradient all-reduce overlapped with backward vs after it: equa
 every sum has two terms, so the order of additions cannot differ). Chunked pipeline vs one exchange, and
 compiled blocks vs eager: equal to fp64 rounding (expert weight gradients summed chunk by chunk; inductor's
 fused kernels round differently), and compiled vs eager once more in fp32, the precision it is used in.
+The fp64 modes run issue 14's model and data options (grouped K/V heads with head_dim != dim / n_heads,
+QK-norm, tied embeddings, packed documents with document masks, the chunked loss); the fp32 pair the plain
+model on the built-in corpus.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +28,7 @@ from harness import spawn_ranks
 from torch.distributed.tensor import DTensor
 from training_runs import TINY, compose_config
 
+import moe_dist.prepare as prep
 from moe_dist.trainer import build_run, train_step
 
 STEPS = 3
@@ -31,17 +38,20 @@ COMMON = [
     f"trainer.max_steps={STEPS}",
     "model.moe.every_n_layers=2",  # block 0 MoE, block 1 dense
 ]
-FP64 = "trainer.precision=fp64"
+# 4 query / 2 key-value heads of 12 (not dim / n_heads), per-head QK-norm, tied head; packed documents.
+FP64 = ["trainer.precision=fp64", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=12",
+        "model.qk_norm=head", "model.tie_embeddings=true",
+        "data.name=tokens", "data.path={root}/docs", "data.document_mask=true"]  # fmt: skip
 MODES = {
-    "after_backward": [FP64, "engine.overlap_grad_sync=false"],
-    "grad_overlap": [FP64, "engine.overlap_grad_sync=true", "engine.grad_bucket_mb=0.01"],  # ~10 buckets
-    "chunks": [FP64, "engine.overlap_grad_sync=false", "model.moe.overlap_chunks=3"],
-    "chunks_grad_overlap": [FP64, "engine.grad_bucket_mb=0.01", "model.moe.overlap_chunks=2"],
-    "compiled": [FP64, "engine.overlap_grad_sync=false", "trainer.compile=true"],
+    "after_backward": [*FP64, "engine.overlap_grad_sync=false"],
+    "grad_overlap": [*FP64, "engine.overlap_grad_sync=true", "engine.grad_bucket_mb=0.01"],  # ~10 buckets
+    "chunks": [*FP64, "engine.overlap_grad_sync=false", "model.moe.overlap_chunks=3"],
+    "chunks_grad_overlap": [*FP64, "engine.grad_bucket_mb=0.01", "model.moe.overlap_chunks=2"],
+    "compiled": [*FP64, "engine.overlap_grad_sync=false", "trainer.compile=true"],
     # compile composes with FSDP2 and block activation checkpointing (compiled before fully_shard wraps)
-    "fsdp_ac_full": [FP64, "engine=fsdp", "trainer.activation_checkpointing=full"],
+    "fsdp_ac_full": [*FP64, "engine=fsdp", "trainer.activation_checkpointing=full"],
     "fsdp_ac_full_compiled": [
-        FP64,
+        *FP64,
         "engine=fsdp",
         "trainer.activation_checkpointing=full",
         "trainer.compile=true",
@@ -56,10 +66,10 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def record_run(overrides: list[str]) -> dict:
+def record_run(overrides: list[str], root: str) -> dict:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    run = build_run(compose_config([*TINY, *COMMON, *overrides]))
+    run = build_run(compose_config([*TINY, *COMMON, *(o.format(root=root) for o in overrides)]))
     steps = []
     for step in range(1, STEPS + 1):
         grads: dict[str, torch.Tensor] = {}
@@ -95,13 +105,36 @@ def graph_breaks() -> set[str]:
     }
 
 
-def all_modes(rank: int, world_size: int) -> dict:
-    return {name: record_run(overrides) for name, overrides in MODES.items()}
+def all_modes(rank: int, world_size: int, root: str) -> dict:
+    return {name: record_run(overrides, root) for name, overrides in MODES.items()}
+
+
+def documents_dataset(root: Path) -> None:
+    """Byte-level documents of 5 to 40 bytes: a 32-token row packs several."""
+    rng = random.Random(0)
+    with open(root / "docs.jsonl", "w") as f:
+        for _ in range(300):
+            f.write(json.dumps({"text": "".join(rng.choices("abcdefghij ", k=rng.randint(5, 40)))}) + "\n")
+    options = prep.Options(
+        tokenizer=None,
+        eos_token=None,
+        field="text",
+        column="text",
+        sft=False,
+        prompt_field="prompt",
+        response_field="response",
+        val_fraction=0.1,
+        shard_tokens=4096,
+        chunk_bytes=1 << 20,
+    )
+    prep.prepare([str(root / "docs.jsonl")], root / "docs", options)
 
 
 @pytest.fixture(scope="module")
-def ranks() -> list[dict]:
-    return spawn_ranks(2, all_modes)
+def ranks(tmp_path_factory) -> list[dict]:
+    root = tmp_path_factory.mktemp("speed_options")
+    documents_dataset(root)
+    return spawn_ranks(2, all_modes, str(root))
 
 
 def max_rel_diff(a: dict, b: dict) -> float:
