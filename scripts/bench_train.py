@@ -18,8 +18,8 @@ With ``default`` and ``no_grad_overlap`` together, the fraction of the gradient 
 backward is 1 − exposed sync time with overlap / sync time without (sync time = reduce_gradients minus the
 grad norm, timed separately).
 
-Model FLOPs per token = 6 · (active parameters without the embedding table) + 6 · n_layers · D · S
-(``moe_dist.model.transformer.model_flops_per_token``). The GEMM rate is measured in the same run, between
+Model FLOPs per token = 6 · (active parameters without the embedding lookup; a tied embedding is the head)
++ 6 · n_layers · n_heads · head_dim · S (``moe_dist.model.transformer.model_flops_per_token``). The GEMM rate is measured in the same run, between
 the steps, on this model's GEMM shapes (every linear map of one micro-batch: forward and both backward
 products, experts at their uniform-routing row counts).
 """
