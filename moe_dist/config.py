@@ -40,6 +40,7 @@ class MoEConfig:
     every_n_layers: int = 1  # MoE FFN in every n-th block, dense FFN in the others
     grouped_mm: str = "auto"  # "auto": grouped_mm on CUDA when shapes allow, loop on CPU; "on"; "off" (loop)
     aux_loss_scope: str = "micro_step"  # balance loss per micro-step (Switch) or "sequence" (DeepSeek-V3)
+    overlap_chunks: int = 1  # ep > 1: token chunks whose all-to-alls overlap the experts of the chunk before
 
 
 @dataclass
@@ -79,6 +80,8 @@ class EngineConfig:
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, passed through
     reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward, regather in backward
     prefetch: int = 0  # fsdp: all-gathers issued this many units ahead explicitly (0: FSDP2's own)
+    overlap_grad_sync: bool = True  # native: all-reduce gradient buckets while the last backward still runs
+    grad_bucket_mb: float = 25.0  # native: gradient all-reduce bucket cap (MiB of fp32); at least 4 buckets
 
 
 @dataclass
@@ -114,6 +117,8 @@ class TrainerConfig:
     resume: str = "auto"  # "auto" (newest complete checkpoint in out_dir), "none", or a checkpoint path
     device: str = "auto"  # "auto" = cuda when available, else cpu
     progress_bar: bool = True
+    peak_tflops: float | None = None  # device peak for MFU; null: known GPUs' bf16 peak, CPU: measured GEMM
+    compile: bool = False  # torch.compile each transformer block (regional); the MoE exchange stays eager
     async_checkpoint: bool = False  # write checkpoints in the background (stall: one copy to host memory)
     precision: str = "auto"  # "auto" (bf16 on CUDA, else fp32), "fp32", "bf16" (fp32 router/combine), "fp64"
     accum_steps: int | None = None  # micro-steps per step (micro_batch_size then follows from the world)
@@ -199,6 +204,13 @@ def validate_moe(moe: MoEConfig, *, dim: int | None = None, ep: int = 1, prefix:
         f"{p}.recv_budget",
         moe.recv_budget,
         "must be >= 1 or null",
+    )
+    _require(moe.overlap_chunks >= 1, f"{p}.overlap_chunks", moe.overlap_chunks, "must be >= 1")
+    _require(
+        moe.overlap_chunks == 1 or moe.recv_budget is None,
+        f"{p}.overlap_chunks",
+        moe.overlap_chunks,
+        f"cannot be combined with {p}.recv_budget={moe.recv_budget} (set one of them)",
     )
     _require(moe.every_n_layers >= 1, f"{p}.every_n_layers", moe.every_n_layers, "must be >= 1")
     _require(moe.aux_loss_coef >= 0, f"{p}.aux_loss_coef", moe.aux_loss_coef, "must be >= 0")
@@ -319,6 +331,8 @@ def validate(cfg: Config, *, world_size: int) -> None:
         "needs engine.name=deepspeed (the native engine does not shard optimizer state)",
     )
 
+    _require(e.grad_bucket_mb > 0, "engine.grad_bucket_mb", e.grad_bucket_mb, "must be > 0")
+
     d = cfg.data
     _require(d.name in DATASETS, "data.name", d.name, f"must be one of {DATASETS}")
     if d.mixture is None:
@@ -376,6 +390,12 @@ def validate(cfg: Config, *, world_size: int) -> None:
         f"must list distinct groups out of {list(FREEZE_GROUPS)}",
     )
     _require(set(t.freeze) != set(FREEZE_GROUPS), "trainer.freeze", t.freeze, "leaves nothing to train")
+    _require(
+        t.peak_tflops is None or t.peak_tflops > 0,
+        "trainer.peak_tflops",
+        t.peak_tflops,
+        "must be > 0 or null",
+    )
     _require(
         cfg.logging.wandb.mode in WANDB_MODES,
         "logging.wandb.mode",

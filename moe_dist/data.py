@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 from moe_dist.config import DATASETS, DataConfig
-from moe_dist.distributed import to_device
 from moe_dist.model.loss import IGNORE_INDEX
 from moe_dist.shards import DOC_DTYPE, EXTENSIONS, MASK_DTYPE, TOKENIZER_FILE, manifest_path, read_manifest
+from moe_dist.transfer import to_device
 
 BYTE_VOCAB = 256
 FILE_SEPARATOR = b"\n\n"
@@ -160,7 +160,7 @@ class Batch:
     global_targets: int  # targets carrying loss in the *global* batch (for the token-mean loss)
 
     def rows(self, rows: slice, device: torch.device | str = "cpu") -> Batch:
-        """These rows on ``device`` (copied without a host sync: see distributed.to_device)."""
+        """These rows with every tensor field on ``device`` (pinned, non-blocking copies on CUDA)."""
         device = torch.device(device)
         doc_ids = None if self.doc_ids is None else to_device(self.doc_ids[rows], device)
         return replace(

@@ -37,13 +37,15 @@ from moe_dist.engines import Engine, build_engine, validate_engine
 from moe_dist.guards import CollapseDetector, NonFiniteGuard, Watchdog
 from moe_dist.memory import peak_memory_bytes, peak_memory_source, reset_peak_memory
 from moe_dist.metrics import MetricsLogger, truncate_metrics
+from moe_dist.mfu import device_peak_tflops
 from moe_dist.model.build import build_model, validate_init_from
 from moe_dist.model.loss import IGNORE_INDEX
-from moe_dist.model.transformer import Transformer, count_parameters
+from moe_dist.model.transformer import Transformer, count_parameters, model_flops_per_token
 from moe_dist.moe.layer import MoELayer
 from moe_dist.optim import lr_at
 from moe_dist.parallel.mesh import Mesh, build_mesh
 from moe_dist.precision import autocast, resolve_precision
+from moe_dist.transfer import to_device
 
 EVAL_SEED_OFFSET = 7_919  # eval batches come from (seed + offset, i): never the training draws
 
@@ -98,7 +100,8 @@ def validate_run(cfg: Config, *, world_size: int) -> None:
 
 
 class StepStats:
-    """Device-side sums over the micro-batches of one step; one all-reduce and one host copy when read."""
+    """Sums over the micro-batches of one step: losses and expert counts on the device, copy counts on the
+    host (they are host integers already); one all-reduce, and one host copy when read."""
 
     def __init__(self, model: Transformer, device: torch.device):
         self.num_layers = sum(1 for _ in model.moe_layers())
@@ -107,33 +110,39 @@ class StepStats:
         self.reset()
 
     def reset(self) -> None:
-        # [ce, aux, z, dropped, copies, micro-batches] then counts [layers x experts]
-        self.scalars = torch.zeros(6, dtype=torch.float64, device=self.device)
+        self.losses = torch.zeros(3, dtype=torch.float64, device=self.device)  # ce, aux, z
+        self.host_sums = [0, 0, 0]  # dropped copies, routed copies, micro-batches
         self.counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64, device=self.device)
         self.exchange_rounds = 1  # the most rounds a layer needed (recv_budget); the same on every rank
+        self.scalars: torch.Tensor | None = None  # [ce, aux, z, dropped, copies, micro], after the all-reduce
 
     def add(self, ce: torch.Tensor, model: Transformer) -> None:
         layers = list(model.moe_layers())
         aux = sum((m.stats.aux_loss.detach() for m in layers), torch.zeros((), device=self.device))
         z = sum((m.stats.z_loss.detach() for m in layers), torch.zeros((), device=self.device))
-        dropped = sum(m.stats.num_dropped for m in layers)
-        copies = sum(m.stats.num_copies for m in layers)
-        self.scalars[:3] += torch.stack([ce.detach().double(), aux.double(), z.double()])
-        # Host ints enter as kernel arguments: a new_tensor([...]) copy would sync with the device.
-        self.scalars[3].add_(dropped)
-        self.scalars[4].add_(copies)
-        self.scalars[5].add_(1)
+        self.losses += torch.stack([ce.detach().double(), aux.double(), z.double()])
+        self.host_sums[0] += sum(m.stats.num_dropped for m in layers)
+        self.host_sums[1] += sum(m.stats.num_copies for m in layers)
+        self.host_sums[2] += 1
         for i, m in enumerate(layers):
             self.counts[i] += m.stats.counts_E
             # Activation checkpointing recomputes the router in backward, with grad: drop that graph.
             m.stats.aux_loss, m.stats.z_loss = m.stats.aux_loss.detach(), m.stats.z_loss.detach()
         self.exchange_rounds = max([self.exchange_rounds] + [m.stats.exchange_rounds for m in layers])
 
-    def all_reduce(self, mesh: Mesh) -> None:
+    def start_all_reduce(self, mesh: Mesh) -> None:
+        """Starts summing over all ranks, once per step, also at world 1 (in flight while gradients are
+        reduced and the optimizer steps); ``finish_all_reduce`` waits for it."""
+        host = to_device(torch.tensor(self.host_sums, dtype=torch.float64), self.device)  # no host wait
+        self.flat = torch.cat([self.losses, host, self.counts.reshape(-1)])
+        self.work = None
         if mesh.world_group is not None:
-            flat = torch.cat([self.scalars, self.counts.reshape(-1)])
-            dist.all_reduce(flat, group=mesh.world_group)
-            self.scalars, self.counts = flat[:6], flat[6:].view_as(self.counts)
+            self.work = dist.all_reduce(self.flat, group=mesh.world_group, async_op=True)
+
+    def finish_all_reduce(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+        self.scalars, self.counts = self.flat[:6], self.flat[6:].view_as(self.counts)
 
     def record(self) -> dict:
         ce, aux, z, dropped, copies, micro = self.scalars.tolist()
@@ -174,6 +183,8 @@ class Run:
     checkpoint_group: (
         dist.ProcessGroup | None
     )  # gloo group for checkpoint traffic (None without a process group)
+    # The next step's micro-batches (all fields), loaded at the end of a step: (step, [batch, ...]).
+    prefetched: tuple[int, list[Batch]] | None = None
 
 
 def build_run(cfg: Config) -> Run:
@@ -249,9 +260,8 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
     with phase("data"):
         engine.set_lr(lr_at(step, t))
         torch.manual_seed(step_seed(t.seed, step, run.mesh.rank))
-    for i in range(run.accum_steps):
-        with phase("data"):
-            micro = micro_batch(run, step, i)
+        batches = step_batches(run, step)  # on the device already (prefetched by the previous step)
+    for i, micro in enumerate(batches):
         with phase("forward"), run.autocast:
             ce = lm_loss(model, micro.inputs, micro.targets, **micro.model_kwargs())
             if micro.global_targets != t.global_batch_size * run.cfg.model.seq_len:
@@ -263,6 +273,8 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
             engine.backward(loss, last_micro_batch=i == run.accum_steps - 1)
         with phase("stats"):
             run.stats.add(ce, model)
+    with phase("stats"):
+        run.stats.start_all_reduce(run.mesh)  # global sums in flight (after the gradient buckets)
     with phase("reduce_gradients"):
         grad_norm = engine.reduce_gradients()
     with phase("nonfinite_check"):
@@ -273,12 +285,26 @@ def train_step(run: Run, step: int, *, phase: PhaseHook = no_phases) -> StepResu
             engine.step(grad_norm, max_norm=t.grad_clip)
         engine.zero_grad()
     with phase("stats_sync"):
-        run.stats.all_reduce(run.mesh)  # global expert counts: the same on every rank
+        run.stats.finish_all_reduce()  # global expert counts: the same on every rank
         if skip_message is None:
             for layer, counts_E in zip(model.moe_layers(), run.stats.counts):
                 layer.router.update_bias(counts_E)
             run.collapse.update(run.stats.counts)
+    if step < t.max_steps:
+        with phase("data"):
+            run.prefetched = (step + 1, [micro_batch(run, step + 1, i) for i in range(run.accum_steps)])
     return StepResult(grad_norm, skip_message)
+
+
+def step_batches(run: Run, step: int) -> list[Batch]:
+    """Every micro-step's batch (every field of it) of ``step`` on the device: prefetched at the end of the step
+    before when there was one, so on CUDA the copy of the next step's batch overlaps this step's work."""
+    if run.prefetched is not None and run.prefetched[0] == step:
+        batches = run.prefetched[1]
+    else:
+        batches = [micro_batch(run, step, i) for i in range(run.accum_steps)]
+    run.prefetched = None
+    return batches
 
 
 def micro_batch(run: Run, step: int, i: int) -> Batch:
@@ -299,7 +325,7 @@ def micro_batch(run: Run, step: int, i: int) -> Batch:
         world_size=mesh.world_size * run.accum_steps,
         document_mask=run.cfg.data.document_mask,
     )
-    return batch.rows(slice(None), run.device)
+    return batch.rows(slice(None), run.device)  # pinned, non-blocking on CUDA
 
 
 def token_share(micro: Batch, *, num_micro_batches: int, dtype: torch.dtype) -> torch.Tensor:
@@ -380,6 +406,14 @@ class Cadence:
         t = run.cfg.trainer
         self.last_step = t.stop_at_step or t.max_steps
         self.tokens_per_step = t.global_batch_size * run.cfg.model.seq_len
+        self.flops_per_token = model_flops_per_token(run.model)
+        self.peak_tflops, self.peak_source = None, "not measured on this rank"
+        if logger.enabled:
+            precision = resolve_precision(t.precision, run.device)
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[precision]
+            self.peak_tflops, self.peak_source = device_peak_tflops(
+                run.device, dtype, configured=t.peak_tflops
+            )
         self.window_start, self.window_steps, self.last_load = time.perf_counter(), 0, []
         reset_peak_memory(run.device)
         self.bar = tqdm(
@@ -388,6 +422,11 @@ class Cadence:
             disable=not (logger.enabled and t.progress_bar),
             leave=False,
         )
+
+    def peak_description(self) -> str:
+        if self.peak_tflops is None:
+            return self.peak_source
+        return f"{self.peak_tflops:.4g} TFLOP/s per device ({self.peak_source})"
 
     def after_step(self, step: int, result: StepResult) -> None:
         t = self.run.cfg.trainer
@@ -444,21 +483,25 @@ class Cadence:
     def log(self, step: int, result: StepResult) -> None:
         """One record (metrics.jsonl, wandb) and one console line; host reads of the step's statistics."""
         run = self.run
+        tokens_per_s = self.tokens_per_step * self.window_steps / (time.perf_counter() - self.window_start)
+        tflops = self.flops_per_token * tokens_per_s / run.mesh.world_size / 1e12
         record = {
             "step": step,
             **run.stats.record(),
             "lr": lr_at(step, run.cfg.trainer),
             "grad_norm": result.grad_norm.item(),
-            "tokens_per_s": self.tokens_per_step
-            * self.window_steps
-            / (time.perf_counter() - self.window_start),
+            "tokens_per_s": tokens_per_s,  # all ranks together, averaged over the log window
+            "model_tflops_per_rank": tflops,  # model FLOPs (model_flops_per_token) per second per rank
+            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,  # against the device peak
             "skipped_steps": run.nonfinite.skipped,
             **self.peak_memory(),
         }
         self.logger.log(record)
+        mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
         self.logger.console(
             f"step {step:>6} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-            f"grad_norm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:,.0f} | "
+            f"grad_norm {record['grad_norm']:.3f} | tok/s {tokens_per_s:,.0f} | "
+            f"TFLOP/s/rank {tflops:.3g} | MFU {mfu} | "
             f"aux {record['aux_loss']:.4f} | dropped {record['dropped_frac']:.3f} | "
             f"max load {max((max(r) for r in record['expert_load']), default=0):.3f} | "
             f"peak mem {max(record['peak_memory_mib']):,.0f} MiB"
@@ -519,15 +562,6 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
         out_dir, enabled=mesh.rank == 0, wandb_cfg=cfg.logging.wandb, run_config=dataclasses.asdict(cfg)
     )
     params = count_parameters(run.model)
-    logger.console(
-        f"moe_dist: world={mesh.world_size} ep={mesh.ep} edp={mesh.edp} device={run.device} | "
-        f"params {params['total'] / 1e6:.2f}M total, {params['active'] / 1e6:.2f}M active | "
-        f"{run.data.description} | run dir {out_dir}"
-        + (f" | resumed from {resume_path} at step {start_step}" if resume_path else "")
-    )
-    for warning in resume_warnings:
-        logger.console(warning)
-
     checkpointer = Checkpointer(
         out_dir,
         keep=t.keep_checkpoints,
@@ -536,6 +570,15 @@ def train(cfg: Config, *, default_out_dir: str) -> Path:
         on_task=watchdog.background,
     )
     cadence = Cadence(run, checkpointer=checkpointer, logger=logger, watchdog=watchdog, start_step=start_step)
+    logger.console(
+        f"moe_dist: world={mesh.world_size} ep={mesh.ep} edp={mesh.edp} device={run.device} | "
+        f"params {params['total'] / 1e6:.2f}M total, {params['active'] / 1e6:.2f}M active | "
+        f"{run.data.description} | run dir {out_dir} | MFU peak {cadence.peak_description()}"
+        + (f" | resumed from {resume_path} at step {start_step}" if resume_path else "")
+    )
+    for warning in resume_warnings:
+        logger.console(warning)
+
     for step in range(start_step + 1, cadence.last_step + 1):
 
         def phase(name: str, step: int = step) -> AbstractContextManager:

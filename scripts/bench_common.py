@@ -28,7 +28,9 @@ from moe_dist.memory import AllocatorPeak
 from moe_dist.parallel.mesh import Mesh
 
 PROFILE_TOP_OPS = 12
-GEMM_OPS = frozenset({"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grouped_mm"})
+GEMM_OPS = frozenset(
+    {"aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::_grouped_mm"}
+)
 
 
 def source_version() -> str:

@@ -5,12 +5,14 @@
 Both implementations run in one process group on the same inputs with the same router and expert weights.
 A step is fwd+bwd of ``loss = Σ(y·g) + 0.01·aux`` for a fixed random ``g`` (the input needs a gradient too);
 the ranks meet at a barrier before every timed step, a step's time is the slowest rank's, and the two
-implementations alternate step by step so that both see the same machine. In the same run the script
-measures the floors: dense GEMM FLOP/s at the experts' shapes and all_to_all_single bandwidth at the
-layer's dispatch size.
+implementations alternate step by step so that both see the same machine. The dropless cases also time
+moe_dist with the chunked EP pipeline (model.moe.overlap_chunks=2) and report the fraction of the exchange
+it hides. In the same run the script measures the floors: dense GEMM FLOP/s at the experts' shapes and
+all_to_all_single bandwidth at the layer's dispatch size.
 
 CPU / gloo: fp32; peak memory is the peak of cumulative allocated bytes over one step, from the memory
-events of ``torch.profiler.profile(profile_memory=True)``. CUDA / NCCL (same script, unchanged): bf16
+events of ``torch.profiler.profile(profile_memory=True)``, plus the peak of moe_dist's row-buffer cache
+(not torch allocations; the sum is an upper bound). CUDA / NCCL (same script, unchanged): bf16
 autocast, ``torch.cuda.synchronize`` around every timer, peak memory from ``torch.cuda.max_memory_allocated``.
 Both count bytes allocated during the step (activations, temporaries, gradients), not the weights.
 
@@ -61,9 +63,12 @@ from moe_dist import MoELayer
 
 SHAPE_A = {"dim": 256, "hidden": 1024, "num_experts": 8, "top_k": 2}  # also C and D
 SHAPE_B = {"dim": 256, "hidden": 256, "num_experts": 64, "top_k": 8}  # fine-grained
+CHUNKS = 2  # the chunked EP pipeline variant of the dropless cases (model.moe.overlap_chunks)
 
 
-def build_cases(letters: list[str], *, tokens: int, capacity_factor: float, world: int) -> list[Case]:
+def build_cases(
+    letters: list[str], *, tokens: int, capacity_factor: float, world: int, rt_ep: int
+) -> list[Case]:
     """A and B at equal capacity factor and dropless; C Zipf-skewed dropless; D (world 4) EP x DP dropless."""
     cf, cases = capacity_factor, []
     for letter in letters:
@@ -76,7 +81,7 @@ def build_cases(letters: list[str], *, tokens: int, capacity_factor: float, worl
                     **shape,
                     capacity_factor=None,
                     routing="uniform-ish",
-                    loop_variant=letter == "A",
+                    chunks_variant=CHUNKS if rt_ep > 1 else 0,
                 )
             )
         elif letter == "C":
@@ -108,8 +113,8 @@ def forward_phases(rt: Runtime, layer: MoELayer, x: torch.Tensor, *, steps: int)
     """moe_dist forward only, in a replica of MoELayer.forward with a timer around each sub-part.
 
     permute = dispatcher.dispatch minus its all-to-all (sort, the counts all-gather with the layer's one host
-    sync, gather of the copies, received-row reorder); combine = dispatcher.combine minus its all-to-all
-    (reverse reorder, gate-weighted sum); exchange = the all_to_all_single calls, each after a barrier;
+    sync, gather of the copies into the send buffer); combine = dispatcher.combine minus its all-to-all
+    (the fused gate-weighted sum); exchange = the all_to_all_single calls, each after a barrier;
     wait = those barriers (a rank waiting for a slower one). Each value: median over steps on each rank,
     then the mean over ranks.
     """
@@ -133,7 +138,7 @@ def forward_phases(rt: Runtime, layer: MoELayer, x: torch.Tensor, *, steps: int)
                         capacity=layer.capacity(len(x_TD)),
                     )
                 with phase("experts"):
-                    y_RD = layer.experts(d.x_RD, d.tokens_per_expert_L, d.tokens_per_expert_host)
+                    y_RD = layer.experts(d.x_RD, d.rows)
                 with phase("combine"):
                     y_TD = layer.dispatcher.combine(y_RD, d).to(x.dtype)
             rt.sync()
@@ -180,11 +185,11 @@ def measure_case(rt: Runtime, case: Case, args: argparse.Namespace) -> dict:
         with torch.no_grad():
             md.router.weight[:, 0] = bias_E
     impls = [Impl("moe_dist", md, make_step(rt, md, x, g, grad_sync=case.grad_sync))]
-    if case.loop_variant:
-        loop = build_moe_dist(case, rt, grouped_mm="off", bias_E=bias_E)
-        impls.append(
-            Impl("moe_dist_grouped_mm_off", loop, make_step(rt, loop, x, g, grad_sync=case.grad_sync))
+    if case.chunks_variant > 1:
+        chunked = build_moe_dist(
+            case, rt, grouped_mm="auto", bias_E=bias_E, overlap_chunks=case.chunks_variant
         )
+        impls.append(Impl("moe_dist_chunks", chunked, make_step(rt, chunked, x, g, grad_sync=case.grad_sync)))
     dsl = build_deepspeed(case, rt, md)
     impls.append(Impl("deepspeed", dsl, make_step(rt, dsl, x, g, grad_sync=case.grad_sync)))
 
@@ -265,6 +270,10 @@ def measure_case(rt: Runtime, case: Case, args: argparse.Namespace) -> dict:
     fwd_flops = impls[0].kept_copies / rt.world * case.flops_per_copy() / 3
     phases["expert_gemm_at_floor"] = fwd_flops / floors["gemm_flops_per_s"]
     result["moe_dist"]["phases_fwd_s"] = phases
+    if "moe_dist_chunks" in result:
+        # Exchange time of a plain step, fwd+bwd: twice the forward's (barrier-separated) all-to-all time.
+        saved = result["moe_dist"]["median_s"] - result["moe_dist_chunks"]["median_s"]
+        result["moe_dist_chunks"]["exchange_hidden_fraction"] = saved / (2 * phases["exchange"])
     return result
 
 
@@ -295,7 +304,9 @@ def main() -> None:
     rt = init_runtime(ep=args.ep, num_experts=8)
     ds = load_deepspeed(rt)
     t_start, loadavg_start = time.perf_counter(), os.getloadavg()[0]
-    cases = build_cases(letters, tokens=args.tokens, capacity_factor=args.capacity_factor, world=rt.world)
+    cases = build_cases(
+        letters, tokens=args.tokens, capacity_factor=args.capacity_factor, world=rt.world, rt_ep=rt.mesh.ep
+    )
     results = []
     for case in cases:
         results.append(measure_case(rt, case, args))

@@ -40,7 +40,7 @@ class Case:
     capacity_factor: float | None  # None: dropless (DeepSpeed drop_tokens=False)
     routing: str  # "uniform-ish" (random router) or "zipf"
     grad_sync: bool = False  # include each implementation's gradient all-reduce (EP x DP config D)
-    loop_variant: bool = False  # also time moe_dist with grouped_mm="off"
+    chunks_variant: int = 0  # > 1: also time moe_dist with model.moe.overlap_chunks = this
 
     @property
     def letter(self) -> str:
@@ -102,7 +102,9 @@ def zipf_router_bias(weight_ED: torch.Tensor, *, top_k: int, ep: int) -> torch.T
     return bias_E
 
 
-def build_moe_dist(case: Case, rt: Runtime, *, grouped_mm: str, bias_E: torch.Tensor | None) -> MoELayer:
+def build_moe_dist(
+    case: Case, rt: Runtime, *, grouped_mm: str, bias_E: torch.Tensor | None, overlap_chunks: int = 1
+) -> MoELayer:
     torch.manual_seed(SEED)  # the same global weights on every rank, then each keeps its shard
     cfg = MoEConfig(
         num_experts=case.num_experts,
@@ -112,6 +114,7 @@ def build_moe_dist(case: Case, rt: Runtime, *, grouped_mm: str, bias_E: torch.Te
         aux_loss_coef=AUX_LOSS_COEF,
         z_loss_coef=0.0,  # DeepSpeed's gate has no z-loss
         grouped_mm=grouped_mm,
+        overlap_chunks=overlap_chunks,
     )
     layer = MoELayer(case.dim, cfg)
     parallelize_moe(layer, rt.mesh)

@@ -19,7 +19,7 @@ def render(results: list[dict], machine: dict[str, Any]) -> str:
         "| a2a B/token (measured / formula) | kept copies | page faults/step | |y - y_ds|max |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    impl_names = ("moe_dist", "moe_dist_grouped_mm_off", "deepspeed")
+    impl_names = ("moe_dist", "moe_dist_chunks", "deepspeed")
     for r in results:
         for name in impl_names:
             if name not in r:
@@ -47,6 +47,22 @@ def render(results: list[dict], machine: dict[str, Any]) -> str:
             f"{md['peak_mem_bytes'] / dsr['peak_mem_bytes']:.2f}x | {dsr.get('capacity', '')} | "
             f"{md['max_over_mean_expert_load']:.2f} |"
         )
+    chunked = [r for r in results if "moe_dist_chunks" in r]
+    if chunked:
+        lines += [
+            "",
+            "Chunked EP pipeline (model.moe.overlap_chunks): exchange hidden = (moe_dist − chunked step time) / "
+            "(2 × the forward's all-to-all time of a plain step).",
+            "",
+            "| config | moe_dist ms | chunked ms | chunked / DeepSpeed tokens/s | exchange hidden |",
+            "|---|---|---|---|---|",
+        ]
+        for r in chunked:
+            md, ch, dsr = r["moe_dist"], r["moe_dist_chunks"], r["deepspeed"]
+            lines.append(
+                f"| {r['name']} | {ms(md['median_s'])} | {ms(ch['median_s'])} | "
+                f"{ch['tokens_per_s'] / dsr['tokens_per_s']:.2f}x | {100 * ch['exchange_hidden_fraction']:.0f}% |"
+            )
     lines += [
         "",
         "| config | GEMM rows/expert | GEMM GFLOP/s/rank (median / best) | a2a MiB sent per call | a2a GB/s/rank |",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sysconfig
 import zlib
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from moe_dist.config import DataConfig
-from moe_dist.data import TokenSplits, global_batch, load_tokens, rank_batch
+from moe_dist.data import Batch, TokenSplits, global_batch, load_tokens, rank_batch
 
 SEQ = 16
 
@@ -93,6 +94,30 @@ def test_rank_slices_concatenate_to_global_batch(world_size):
     assert all(p[0].shape == (8 // world_size, SEQ) for p in parts)
     assert torch.equal(torch.cat([p[0] for p in parts]), gx)
     assert torch.equal(torch.cat([p[1] for p in parts]), gy)
+
+
+def test_batch_rows_moves_every_tensor_field():
+    """What the trainer prefetches to the device (pinned copies on CUDA) is the whole micro-batch: a tensor
+    field left on the host would fail on a GPU only. ``meta`` stands in for the device."""
+    rows = slice(1, 3)
+    batch = Batch(
+        inputs=torch.arange(20).view(4, 5),
+        targets=torch.arange(20).view(4, 5) + 1,
+        doc_ids=torch.arange(20).view(4, 5) // 3,
+        global_targets=20,
+    )
+    tensor_fields = [
+        f.name for f in dataclasses.fields(Batch) if isinstance(getattr(batch, f.name), torch.Tensor)
+    ]
+    assert tensor_fields == ["inputs", "targets", "doc_ids"]
+    on_device = batch.rows(rows, torch.device("meta"))
+    for name in tensor_fields:
+        assert getattr(on_device, name).device.type == "meta", name
+        assert getattr(on_device, name).shape == (2, 5), name
+    on_host = batch.rows(rows)
+    for name in tensor_fields:
+        assert torch.equal(getattr(on_host, name), getattr(batch, name)[rows]), name
+    assert on_device.global_targets == on_host.global_targets == 20
 
 
 def test_rank_batch_rejects_uneven_split():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_dist.config import MoEConfig
-from moe_dist.moe.dispatch import TokenDispatcher, segment_index, sort_copies_by_expert
+from moe_dist.moe.dispatch import ExpertRows, TokenDispatcher, segment_index, sort_copies_by_expert
 from moe_dist.moe.experts import GroupedExperts
 from moe_dist.moe.layer import MoELayer
 
@@ -57,7 +57,7 @@ def test_dispatch_sorts_rows_by_expert_and_counts_tokens():
     expected_tokens = [0, 1, 3, 1, 2, 0, 2, 3]
     assert d.plan.token_idx_M.tolist() == expected_tokens
     assert torch.equal(d.x_RD, x[expected_tokens])
-    assert d.tokens_per_expert_L.tolist() == [3, 2, 2, 1]
+    assert d.rows.host_counts() == [[3, 2, 2, 1]]
     assert d.num_dropped is None
 
 
@@ -70,14 +70,15 @@ def test_round_trip_with_identity_experts_gives_k_times_x(capacity):
     disp = TokenDispatcher(E)
     d = disp.dispatch(x, ids, torch.ones(T, K), counts_of(ids, E), capacity=capacity)
     assert d.x_RD.shape == (T * K, D)
-    assert d.tokens_per_expert_L.tolist() == counts_of(ids, E).tolist()
-    experts_of_rows = torch.repeat_interleave(torch.arange(E), d.tokens_per_expert_L)
+    tokens_per_expert = d.rows.tokens_per_expert(x.device)
+    assert tokens_per_expert.tolist() == counts_of(ids, E).tolist()
+    experts_of_rows = torch.repeat_interleave(torch.arange(E), tokens_per_expert)
     assert torch.equal(ids.reshape(-1).sort().values, experts_of_rows)
     out = disp.combine(d.x_RD, d)
     torch.testing.assert_close(out, K * x, **TOL)
     if capacity is not None:
         assert d.num_dropped == 0
-        assert d.tokens_per_expert_host == d.tokens_per_expert_L.tolist()
+        assert d.rows.counts_PL == [tokens_per_expert.tolist()]
 
 
 def test_capacity_keeps_highest_gate_copies_top1():
@@ -89,8 +90,8 @@ def test_capacity_keeps_highest_gate_copies_top1():
     d = disp.dispatch(x, ids, w, counts_of(ids, 2), capacity=2)
     assert d.plan.token_idx_M.tolist() == [2, 4, 5, 1]
     assert d.plan.weights_M.tolist() == pytest.approx([0.9, 0.7, 0.6, 0.4])
-    assert d.tokens_per_expert_L.tolist() == [2, 2]
-    assert d.tokens_per_expert_host == [2, 2]
+    assert d.rows.tokens_per_expert(x.device).tolist() == [2, 2]
+    assert d.rows.counts_PL == [[2, 2]]
     assert d.num_dropped == 3
     assert torch.equal(d.x_RD, x[[2, 4, 5, 1]])
     out = disp.combine(d.x_RD, d)
@@ -109,7 +110,7 @@ def test_capacity_drops_single_copies_of_a_token_top2():
     d = disp.dispatch(x, ids, w, counts_of(ids, 3), capacity=2)
     # expert 0 keeps t1 (.7), t0 (.6); expert 1 keeps t3 (.9), t2 (.8) and drops t0 (.4); expert 2 keeps t1.
     assert d.plan.token_idx_M.tolist() == [1, 0, 3, 2, 1]
-    assert d.tokens_per_expert_L.tolist() == [2, 2, 1]
+    assert d.rows.host_counts() == [[2, 2, 1]]
     assert d.num_dropped == 3
     out = disp.combine(d.x_RD, d)
     expected = torch.stack([0.6 * x[0], 1.0 * x[1], 0.8 * x[2], 0.9 * x[3]])
@@ -174,7 +175,7 @@ def run_experts(mode, w_gu, w_d, x, tpe):
         experts.w_gate_up.copy_(w_gu)
         experts.w_down.copy_(w_d)
     x = x.clone().requires_grad_(True)
-    y = experts(x, torch.tensor(tpe), None)
+    y = experts(x, ExpertRows([tpe]))
     torch.manual_seed(1)
     (y * torch.randn_like(y)).sum().backward()
     return y.detach(), x.grad, experts.w_gate_up.grad, experts.w_down.grad
@@ -209,8 +210,115 @@ def test_grouped_mm_matches_loop(tpe):
 def test_grouped_mm_on_rejects_unaligned_shapes(dim, hidden):
     experts = GroupedExperts(2, dim, hidden, grouped_mm="on")
     with pytest.raises(ValueError, match=f"dim={dim} and expert_hidden={hidden}"):
-        experts(torch.randn(3, dim), torch.tensor([1, 2]))
+        experts(torch.randn(3, dim), ExpertRows([[1, 2]]))
     assert not GroupedExperts(2, dim, hidden, grouped_mm="auto").uses_grouped_mm(torch.float32, CUDA)
+
+
+def test_expert_rows_segments_and_expert_major_order():
+    rows = ExpertRows([[2, 0, 1], [1, 3, 0]])  # rows of (source 0: e0 e0 e2) then (source 1: e0 e1 e1 e1)
+    assert rows.segments() == [[(0, 2), (3, 1)], [(4, 3)], [(2, 1)]]
+    assert rows.expert_major_order().tolist() == [0, 1, 3, 4, 5, 6, 2]
+    assert rows.tokens_per_expert(CPU).tolist() == [3, 3, 1]
+    assert ExpertRows([[2, 1]]).expert_major_order() is None  # one source: already expert-major
+    assert ExpertRows([[0, 0], [0, 0]]).expert_major_order().tolist() == []
+
+
+SEGMENT_COUNTS = [[[3, 0, 2], [1, 4, 0], [0, 2, 5]], [[0, 0, 0], [2, 0, 1]], [[0, 0, 0]]]
+
+
+def naive_experts(x_RD, counts_PL, w_gu, w_d):
+    """Row by row: each row through the SwiGLU of the expert its segment belongs to."""
+    experts_of_rows = [e for row in counts_PL for e, n in enumerate(row) for _ in range(n)]
+    out = []
+    for r, e in enumerate(experts_of_rows):
+        gate, up = (x_RD[r] @ w_gu[e]).chunk(2)
+        out.append((F.silu(gate) * up) @ w_d[e])
+    return torch.stack(out) if out else x_RD.new_zeros((0, x_RD.shape[1]))
+
+
+@pytest.mark.parametrize("counts_PL", SEGMENT_COUNTS)
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_experts_read_source_major_segments(counts_PL, mode):
+    """Rows in (source, expert) order: the segment loop (no reorder) and grouped_mm (reorder) both give each
+    row its own expert's output and the reference gradients."""
+    L, D, Fh = 3, 8, 4
+    w_gu, w_d = expert_weights(L, D, Fh)
+    torch.manual_seed(0)
+    x = torch.randn(sum(map(sum, counts_PL)), D)
+    g = torch.randn(x.shape[0], D)
+    experts = GroupedExperts(L, D, Fh, grouped_mm=mode)
+    with torch.no_grad():
+        experts.w_gate_up.copy_(w_gu)
+        experts.w_down.copy_(w_d)
+    x1 = x.clone().requires_grad_(True)
+    y = experts(x1, ExpertRows(counts_PL))
+    (y * g).sum().backward()
+    x2, w_gu2, w_d2 = (t.clone().requires_grad_(True) for t in (x, w_gu, w_d))
+    y_ref = naive_experts(x2, counts_PL, w_gu2, w_d2)
+    ((y_ref * g).sum() + 0.0 * (x2.sum() + w_gu2.sum() + w_d2.sum())).backward()  # zero grads when no rows
+    torch.testing.assert_close(y, y_ref, **TOL)
+    if x.shape[0]:
+        assert y_ref.abs().max() > 0.1
+    for got, want in [
+        (x1.grad, x2.grad),
+        (experts.w_gate_up.grad, w_gu2.grad),
+        (experts.w_down.grad, w_d2.grad),
+    ]:
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_segment_experts_and_weighted_sum_pass_gradcheck():
+    """fp64 finite differences against the hand-written backwards."""
+    from moe_dist.moe.dispatch import _WeightedSum
+    from moe_dist.moe.experts import _SegmentSwiGLU
+
+    gen = torch.Generator().manual_seed(3)
+    rows = ExpertRows([[2, 0, 1], [1, 2, 0]])
+    x = torch.randn(6, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    w_gu = torch.randn(3, 4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    w_d = torch.randn(3, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: _SegmentSwiGLU.apply(*t, rows.segments()), (x, w_gu, w_d))
+    y = torch.randn(7, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.rand(7, dtype=torch.float64, generator=gen, requires_grad=True)
+    tokens = torch.tensor([2, 0, 2, 1, 4, 0, 2])
+    expected = torch.zeros(5, 4, dtype=torch.float64).index_add(0, tokens, y * w[:, None])
+    out = _WeightedSum.apply(y, w, tokens, 5)
+    assert out.dtype == torch.float64  # summed in the gate weights' dtype
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(lambda y, w: _WeightedSum.apply(y, w, tokens, 5), (y, w))
+
+
+def test_weighted_sum_blocks_equal_one_pass(monkeypatch):
+    """The CPU block loop adds the same rows in the same order as one index_add (bitwise)."""
+    from moe_dist.moe import dispatch
+
+    torch.manual_seed(0)
+    y, w = torch.randn(300, 16), torch.rand(300)
+    tokens = torch.randint(0, 40, (300,))
+    one_pass = torch.zeros(40, 16).index_add(0, tokens, y * w[:, None])
+    monkeypatch.setattr(dispatch, "COMBINE_BLOCK_BYTES", 7 * 4 * 16)  # 7 rows per block
+    assert torch.equal(dispatch.weighted_sum(y, w, tokens, num_tokens=40), one_pass)
+
+
+def test_send_order_by_chunk_then_expert_with_capacity():
+    from moe_dist.moe.dispatch import send_order
+
+    # 4 tokens, top-2, 3 experts, 2 chunks (tokens 0-1, 2-3)
+    ids = torch.tensor([[0, 1], [1, 2], [0, 1], [1, 0]])
+    w = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.2, 0.8], [0.9, 0.1]])
+    counts = counts_of(ids, 3)
+    order, kept = send_order(ids, w, counts, capacity=None, chunks=2)
+    # copies: 0:(t0,e0) 1:(t0,e1) 2:(t1,e1) 3:(t1,e2) | 4:(t2,e0) 5:(t2,e1) 6:(t3,e1) 7:(t3,e0)
+    assert order.tolist() == [0, 1, 2, 3, 4, 7, 5, 6]
+    assert kept.tolist() == [[1, 2, 1], [2, 2, 0]]
+    # capacity 2: expert 0 keeps t0 (.6) and t2 (.2) over t3 (.1); expert 1 keeps t3 (.9), t2 (.8)
+    order, kept = send_order(ids, w, counts, capacity=2, chunks=2)
+    assert kept.tolist() == [[1, 0, 1], [1, 2, 0]]
+    assert order[:5].tolist() == [0, 3, 4, 6, 5]  # chunk 0: e0 t0, e2 t1 | chunk 1: e0 t2, e1 t3, t2
+    assert sorted(order[5:].tolist()) == [1, 2, 7]  # the dropped copies come last
+    order, kept = send_order(ids, w, counts, capacity=2, chunks=1)
+    assert kept.tolist() == [[2, 2, 1]]
+    assert order[:5].tolist() == [0, 4, 6, 5, 3]  # gate priority within each expert
 
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # only compared by type: no CUDA needed
@@ -356,3 +464,21 @@ def test_layer_on_empty_input(cf):
     assert (layer.stats.aux_loss.item(), layer.stats.z_loss.item()) == (0.0, 0.0)
     for name, p in layer.named_parameters():
         assert p.grad is not None and p.grad.abs().max().item() == 0.0, name
+
+
+def test_layer_under_bf16_autocast_keeps_fp32_output_and_gradients():
+    """Autocast: rows cross the exchange and the experts in bf16, the combine sums in fp32 (CPU autocast here;
+    the same code runs under CUDA autocast)."""
+    layer = build_layer(2, None, 1, "softmax", "off")
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, D)
+    x1 = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x1)
+    y.float().sum().backward()
+    x2 = x.clone().requires_grad_(True)
+    y_ref, _, _ = reference_forward(layer, x2)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, atol=0.1, rtol=0.05)  # bf16 rounding of rows and weights
+    assert x1.grad.dtype == torch.float32 and layer.experts.w_gate_up.grad.dtype == torch.float32
+    assert x1.grad.abs().max() > 0 and layer.experts.w_down.grad.abs().max() > 0

@@ -38,6 +38,7 @@ class Case:
     force: str = ""  # "one_expert": every token picks expert 3 first; "zero_expert": expert 5 gets nothing
     grouped_mm: str = "on"
     recv_budget: int | None = None  # rows per exchange round; small values force several rounds
+    overlap_chunks: int = 1  # chunked EP pipeline (exchanges in flight while the previous chunk computes)
 
 
 WORLD2 = [
@@ -59,6 +60,17 @@ WORLD2 = [
     Case("ep2_budget_all_to_one_expert", ep=2, top_k=1, force="one_expert", recv_budget=4),
     Case("ep2_budget_top4", ep=2, top_k=4, recv_budget=9),
     Case("ep2_budget_capacity_shared", ep=2, capacity_factor=0.75, num_shared_experts=1, recv_budget=5),
+    Case("ep2_overlap2_top2", ep=2, overlap_chunks=2),
+    Case(
+        "ep2_overlap3_capacity_shared_loop",
+        ep=2,
+        capacity_factor=0.75,
+        num_shared_experts=1,
+        overlap_chunks=3,
+        grouped_mm="off",
+    ),
+    Case("ep2_overlap2_all_to_one_expert", ep=2, top_k=1, force="one_expert", overlap_chunks=2),
+    Case("ep2_overlap16_more_chunks_than_tokens", ep=2, top_k=4, overlap_chunks=16),
 ]
 WORLD4 = [
     Case("ep4_top2", ep=4),
@@ -66,6 +78,7 @@ WORLD4 = [
     Case("ep2_edp2_capacity_shared", ep=2, capacity_factor=0.75, num_shared_experts=1, top_k=4),
     Case("ep1_edp4_top1", ep=1, top_k=1),
     Case("ep2_edp2_budget_one_expert", ep=2, top_k=2, force="one_expert", recv_budget=3),
+    Case("ep4_overlap3_top2", ep=4, overlap_chunks=3),
 ]
 
 
@@ -87,6 +100,7 @@ def build_layer(case: Case) -> MoELayer:
         num_shared_experts=case.num_shared_experts,
         grouped_mm=case.grouped_mm,
         recv_budget=case.recv_budget,
+        overlap_chunks=case.overlap_chunks,
     )
     layer = MoELayer(DIM, cfg)
     with torch.no_grad():
@@ -147,6 +161,24 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() if a.numel() else 0.0
 
 
+class CountExchanges:
+    """Counts the all_to_all_single calls (in flight or not) made while active."""
+
+    def __enter__(self):
+        self.calls, self.in_flight, self.original = 0, 0, dist.all_to_all_single
+
+        def counted(*args, async_op=False, **kwargs):
+            self.calls += 1
+            self.in_flight += bool(async_op)
+            return self.original(*args, async_op=async_op, **kwargs)
+
+        dist.all_to_all_single = counted
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_to_all_single = self.original
+
+
 def run_cases(rank: int, world_size: int, cases: list[Case]) -> dict:
     meshes = {}
     results = {}
@@ -163,10 +195,13 @@ def run_cases(rank: int, world_size: int, cases: list[Case]) -> dict:
         start = sum(counts[:rank])
         rows = slice(start, start + counts[rank])
         x = x_all[rows].clone().requires_grad_(True)
-        y = layer(x)
-        # Each rank's loss is scaled so that the mean over ranks is the global-mean loss.
-        loss = (y * target_all[rows]).sum() * world_size / len(x_all) + layer.stats.weighted_loss(layer.cfg)
-        loss.backward()
+        with CountExchanges() as exchanges:
+            y = layer(x)
+            # Each rank's loss is scaled so that the mean over ranks is the global-mean loss.
+            loss = (y * target_all[rows]).sum() * world_size / len(x_all) + layer.stats.weighted_loss(
+                layer.cfg
+            )
+            loss.backward()
         sync_gradients(layer, mesh)
         norm = global_grad_norm(layer, mesh)
 
@@ -216,6 +251,7 @@ def run_cases(rank: int, world_size: int, cases: list[Case]) -> dict:
             "ref_grad_norm": ref_norm.item(),
             "rounds": int(budget_use[0].item()),
             "max_received_rows": int(budget_use[1].item()),
+            "exchanges": (exchanges.calls, exchanges.in_flight),
         }
     return results
 
@@ -247,6 +283,10 @@ def check(case: Case, result: dict) -> None:
         assert 0 < result["max_received_rows"] <= case.recv_budget
     else:
         assert result["rounds"] == 1
+    if case.overlap_chunks > 1:  # dispatch and combine per chunk, forward and backward, all in flight
+        assert result["exchanges"] == (4 * case.overlap_chunks, 4 * case.overlap_chunks)
+    elif case.ep > 1 and case.recv_budget is None:
+        assert result["exchanges"] == (4, 0)
 
 
 @pytest.mark.parametrize("case", WORLD2, ids=lambda c: c.name)

@@ -60,11 +60,28 @@ def world2_jobs(rank: int, world_size: int, root: str) -> dict:
     frozen_start = {k: v.detach().clone() for k, v in frozen_run.model.named_parameters()}
     train_step(frozen_run, 1)
     frozen_moved = {k: not torch.equal(v, frozen_start[k]) for k, v in frozen_run.model.named_parameters()}
+    # The same under the native engine at EP 2, gradients all-reduced in flight during backward (the frozen
+    # tensors get no bucket) and after it: the same step to the bit.
+    native_after = {}
+    for overlap in (True, False):
+        cfg = compose_config(
+            [*TINY, "parallel.ep=2", "trainer.micro_batch_size=4", f"model.init_from={root}/pretrain",
+             "trainer.freeze=[router,embeddings]", f"engine.overlap_grad_sync={str(overlap).lower()}"]
+        )  # fmt: skip
+        native_run = build_run(cfg)
+        train_step(native_run, 1)
+        native_after[overlap] = {k: v.detach().clone() for k, v in native_run.model.named_parameters()}
     return {
         "upcycled_ce": upcycled_ce,
         "deepspeed_start": start,
         "deepspeed_moved": moved,
         "zero2_frozen_moved": frozen_moved,
+        "native_frozen_moved": {
+            k: not torch.equal(v, frozen_start[k]) for k, v in native_after[True].items()
+        },
+        "native_overlap_equal": all(
+            torch.equal(v, native_after[False][k]) for k, v in native_after[True].items()
+        ),
     }
 
 
@@ -113,6 +130,8 @@ def test_finetune_starts_from_the_weights_with_a_fresh_optimizer_schedule_and_da
         "world2"
     ]:  # the same groups frozen under ZeRO-2 at world 2 / EP 2 (its own expert shards)
         assert {k for k, moved in rank["zero2_frozen_moved"].items() if not moved} == frozen
+        assert {k for k, moved in rank["native_frozen_moved"].items() if not moved} == frozen
+        assert rank["native_overlap_equal"]
 
     run_dir = run(overrides[len(TINY) :])
     records = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]

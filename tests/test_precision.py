@@ -20,6 +20,7 @@ from training_runs import TINY, compose_config
 from moe_dist.config import MoEConfig
 from moe_dist.engines import build_engine
 from moe_dist.model.build import build_model
+from moe_dist.moe import dispatch
 from moe_dist.moe.layer import MoELayer
 from moe_dist.moe.router import Router
 from moe_dist.parallel.apply import global_grad_norm
@@ -62,9 +63,9 @@ def test_bf16_autocast_forward_exchanges_bf16_rows_and_combines_in_fp32():
     layer = MoELayer(32, MoEConfig(num_experts=4, top_k=2, expert_hidden=16))
     seen = {}
 
-    def experts(x_RD, tokens_L, tokens_host, **kwargs):
+    def experts(x_RD, rows):
         seen["rows"] = x_RD.dtype
-        y = layer.experts(x_RD, tokens_L, tokens_host, **kwargs)
+        y = layer.experts(x_RD, rows)
         seen["expert_out"] = y.dtype
         return y
 
@@ -89,7 +90,7 @@ def test_bf16_autocast_forward_exchanges_bf16_rows_and_combines_in_fp32():
     assert y.dtype == torch.float32
 
 
-def test_fp64_mode_is_float64_end_to_end():
+def test_fp64_mode_is_float64_end_to_end(monkeypatch):
     cfg = compose_config([*TINY, "trainer.precision=fp64"])
     mesh = single_process_mesh()
     model = build_model(cfg, mesh, torch.device("cpu"))
@@ -98,8 +99,10 @@ def test_fp64_mode_is_float64_end_to_end():
     layer = next(model.moe_layers())
     seen = {}
     layer.register_forward_hook(lambda m, args, out: seen.update(layer_out=out.dtype))
-    combine = layer.dispatcher._weighted_sum
-    layer.dispatcher._weighted_sum = lambda *a: seen.setdefault("combine", combine(*a))
+    combine = dispatch.weighted_sum
+    monkeypatch.setattr(
+        dispatch, "weighted_sum", lambda *a, **k: seen.setdefault("combine", combine(*a, **k))
+    )
     engine = build_engine(model, engine=cfg.engine, trainer=cfg.trainer, mesh=mesh)
     inputs, targets = tokens(cfg)
     loss = lm_loss(model, inputs, targets) + model.moe_loss()

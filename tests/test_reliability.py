@@ -126,7 +126,7 @@ def test_dead_peer_without_restarts_fails_fast_naming_step_and_collective(tmp_pa
 def tiny_model(overrides: list[str] | None = None):
     cfg = compose_config(TINY + (overrides or []))
     model = build_model(cfg, single_process_mesh(), torch.device("cpu"))
-    engine = NativeEngine(model, trainer=cfg.trainer, mesh=single_process_mesh())
+    engine = NativeEngine(model, engine=cfg.engine, trainer=cfg.trainer, mesh=single_process_mesh())
     return cfg, model, engine
 
 

@@ -224,6 +224,14 @@ def test_checkpoints_record_layout_and_are_complete(runs):
     assert not list((runs / "w2_ep2" / "checkpoints").glob(".tmp_*"))
 
 
+def tiny_flops_per_token() -> float:
+    from training_runs import TINY, compose_config
+
+    from moe_dist.model.transformer import Transformer, model_flops_per_token
+
+    return model_flops_per_token(Transformer(compose_config(TINY).model))
+
+
 def test_metrics_records_have_every_field(runs):
     records = read_metrics(runs / "w2_ep2")
     train = [r for r in records if "loss" in r]
@@ -238,8 +246,14 @@ def test_metrics_records_have_every_field(runs):
             "z_loss",
             "dropped_frac",
             "expert_load",
+            "model_tflops_per_rank",
+            "mfu",
         } <= set(r)
         assert len(r["expert_load"]) == 2  # two MoE layers
+        # MFU: model FLOPs per token x tokens/s over 2 ranks, against this CPU's measured GEMM peak
+        per_token = r["model_tflops_per_rank"] * 1e12 * 2 / r["tokens_per_s"]
+        assert per_token == pytest.approx(tiny_flops_per_token(), rel=1e-9)
+        assert 0 < r["mfu"] < 1.5  # can exceed 1 only by noise in the peak measurement
         for layer in r["expert_load"]:
             assert len(layer) == 4 and abs(sum(layer) - 1) < 1e-9
 

@@ -69,4 +69,4 @@ def build_engine(model: nn.Module, *, engine: EngineConfig, trainer: TrainerConf
         return FSDPEngine(model, trainer=trainer, mesh=mesh)
     from moe_dist.engines.native import NativeEngine
 
-    return NativeEngine(model, trainer=trainer, mesh=mesh)
+    return NativeEngine(model, engine=engine, trainer=trainer, mesh=mesh)

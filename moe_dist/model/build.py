@@ -55,6 +55,8 @@ def sharded_meta_model(cfg: Config, mesh: Mesh, device: torch.device) -> Transfo
     parallelize_moe(model, mesh)
     freeze_parameters(model, cfg.trainer.freeze)
     apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
+    if cfg.trainer.compile:
+        model.compile_blocks()  # compiled at the first forward; before FSDP wraps the blocks (torchtitan's order)
     if cfg.engine.name == "fsdp":
         bf16 = resolve_precision(cfg.trainer.precision, device) == "bf16"
         e = cfg.engine

@@ -285,6 +285,13 @@ class Transformer(nn.Module):
         )
         return total / count.clamp_min(1)
 
+    def compile_blocks(self, **options) -> None:
+        """Regional compilation (``trainer.compile``): each block's forward compiled on its own, one graph per
+        kind of block, reused by every block of that kind. The MoE exchange stays eager
+        (``MoELayer.routed_experts``): the graph breaks around it, never inside the dense parts."""
+        for layer in self.layers:
+            layer.compile(**options)
+
     def new_cache(self) -> KVCache:
         """An empty key/value cache for up to model.seq_len positions."""
         return KVCache(len(self.layers), self.cfg.seq_len)
@@ -366,3 +373,14 @@ def count_parameters(model: Transformer) -> dict[str, int]:
             total += n
             active += n
     return {"total": total, "active": active}
+
+
+def model_flops_per_token(model: Transformer) -> float:
+    """Training FLOPs per token (forward and backward) of the architecture: 6 per active parameter outside
+    the embedding lookup (one multiply-add forward, two backward; a tied embedding still is the head's
+    matmul), plus causal attention, QKᵀ and AV over half the S×S square at the query width (GQA shares K/V
+    heads, not the products): 6·n_layers·n_heads·head_dim·S. What MFU counts as useful work."""
+    cfg = model.cfg
+    lookup = model.tok_embeddings.weight.numel() if model.output is not None else 0
+    active = count_parameters(model)["active"] - lookup
+    return 6 * active + 6 * cfg.n_layers * cfg.n_heads * head_dim(cfg) * cfg.seq_len

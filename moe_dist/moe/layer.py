@@ -16,7 +16,7 @@ from torch import nn
 from moe_dist.config import MoEConfig, validate_moe
 from moe_dist.moe.dispatch import TokenDispatcher
 from moe_dist.moe.experts import GroupedExperts
-from moe_dist.moe.router import Router
+from moe_dist.moe.router import Router, Routing
 
 
 class SwiGLU(nn.Module):
@@ -80,9 +80,18 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         # [..., S, D]: sequences of S tokens (the sequence aux-loss scope); a 2-D input is one sequence.
         routing = self.router(x_TD, seq_len=x.shape[-2] if x.dim() >= 3 else None)
+        y_TD = self.routed_experts(x_TD, routing)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
+        return y_TD.to(x.dtype).view(x.shape)
+
+    @torch.compiler.disable
+    def routed_experts(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Dispatch → experts → combine, and the layer's stats. Always eager: under torch.compile the graph
+        breaks around it (its one host sync and its data-dependent row counts stay out of the graphs)."""
         x_rows_TD = x_TD
-        if torch.is_autocast_enabled(x.device.type):  # rows cross the all-to-all in bf16, not fp32
-            x_rows_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
+        if torch.is_autocast_enabled(x_TD.device.type):  # rows cross the all-to-all in bf16, not fp32
+            x_rows_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
         y_TD, plan, rounds = self.dispatcher.forward(
             x_rows_TD,
             routing.expert_ids_TK,
@@ -91,8 +100,6 @@ class MoELayer(nn.Module):
             capacity=self.capacity(len(x_TD)),
             experts=self.experts,
         )
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
         aux_loss, z_loss = routing.aux_loss, routing.z_loss
         if torch._C._current_graph_task_id() != -1:
             # Inside backward: activation checkpointing recomputing this layer. Its losses were taken in the
@@ -108,4 +115,4 @@ class MoELayer(nn.Module):
             exchange_rounds=rounds,
             received_rows=self.dispatcher.received_rows_per_round(plan, rounds),
         )
-        return y_TD.to(x.dtype).view(x.shape)
+        return y_TD

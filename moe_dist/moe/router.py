@@ -16,6 +16,12 @@ from moe_dist.config import MoEConfig
 from moe_dist.precision import accum_dtype, full_precision
 
 
+@torch.compiler.disable
+def _all_reduce_sum(t: torch.Tensor, *, group: dist.ProcessGroup) -> None:
+    """In place, eagerly (under torch.compile the graph breaks here: the collective stays out of the graph)."""
+    dist.all_reduce(t, group=group)
+
+
 @dataclass
 class Routing:
     expert_ids_TK: torch.Tensor  # int64, global expert ids
@@ -119,14 +125,13 @@ class Router(nn.Module):
         seq_len = max(seq_len, 1)  # no tokens: no sequences
         assert T % seq_len == 0, (T, seq_len)
         num_sequences = T // seq_len
-        # Integer counts summed in float64: exact up to 2**53 at any batch size. The host ints enter as fills:
-        # new_tensor([T, num_sequences]) would be a host-to-device copy, which syncs on CUDA.
-        sizes = counts_E.new_empty(2, dtype=torch.float64)
-        sizes[0].fill_(T)
-        sizes[1].fill_(num_sequences)
+        # Integer counts summed in float64: exact up to 2**53 at any batch size. The token and sequence
+        # counts are device fills (a host-to-device copy would make the host wait on CUDA).
+        sizes = counts_E.new_full((2,), T, dtype=torch.float64)
+        sizes[1] = num_sequences
         stats = torch.cat([counts_E.double(), sizes])
         if self.dp_group is not None:
-            dist.all_reduce(stats, group=self.dp_group)
+            _all_reduce_sum(stats, group=self.dp_group)
         stats = stats.to(logits_TE.dtype)
         global_counts_E, global_tokens, global_sequences = stats[:-2], stats[-2], stats[-1]
         aux_loss = zero
