@@ -170,13 +170,3 @@ def all_gather_json(value, *, group: dist.ProcessGroup | None = None) -> list:
     buffers = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in range(world)]
     dist.all_gather(buffers, padded, group=group)
     return [_decode(b[: int(s.item())]) for b, s in zip(buffers, sizes)]
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` (on the host) on ``device`` without a host sync. A plain ``.to("cuda")`` / ``torch.tensor(list,
-    device="cuda")`` copies from pageable memory and then waits for the whole stream (``memcpy_and_sync``): a
-    host-device sync that drains the GPU queue. From pinned memory the copy is asynchronous (the caching host
-    allocator keeps the buffer until it is done)."""
-    if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)

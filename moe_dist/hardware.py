@@ -1,11 +1,11 @@
 """GPU constants: peak FLOP/s per dtype, memory size and bandwidth, NVLink and network bandwidth per GPU.
 
-One table for everything that needs them (the planner's roofline, MFU in the training logs). Numbers are the
-vendors' dense (no sparsity) datasheet peaks:
+One table for everything that needs them (the planner's roofline; MFU in the training logs, through
+``device_bf16_peak_flops``). Numbers are the vendors' dense (no sparsity) datasheet peaks:
 - A100 SXM4 80GB: NVIDIA A100 Tensor Core GPU datasheet (bf16 312 TFLOP/s, fp32 19.5, tf32 156, fp64 tensor
   core 19.5; HBM2e 2,039 GB/s; NVLink 600 GB/s total = 300 GB/s per direction); network: DGX A100 has one
   200 Gb/s HDR InfiniBand port per GPU.
-- H100 SXM5 80GB: NVIDIA H100 Tensor Core GPU datasheet (bf16 1,979 TFLOP/s with sparsity = 989 dense, fp8
+- H100 SXM5 80GB: NVIDIA H100 Tensor Core GPU datasheet (bf16 1,979 TFLOP/s with sparsity = 989.4 dense, fp8
   1,979 dense, fp32 67, fp64 tensor core 67; HBM3 3.35 TB/s; NVLink 900 GB/s total = 450 per direction);
   network: DGX H100 has one 400 Gb/s ConnectX-7 port per GPU.
 - H200 SXM 141GB: NVIDIA H200 datasheet (compute as H100; HBM3e 4.8 TB/s, 141 GB; NVLink 900 GB/s); network
@@ -67,13 +67,32 @@ def _gpu(name, *, bf16, fp8, fp32, tf32, fp64, memory_gb, hbm_tbps, nvlink_gbps,
 GPUS: dict[str, GPU] = {
     "a100": _gpu("NVIDIA A100 SXM4 80GB", bf16=312, fp8=None, fp32=19.5, tf32=156, fp64=19.5, memory_gb=80,
                  hbm_tbps=2.039, nvlink_gbps=300, network_gbitps=200, mamf=0.869),
-    "h100": _gpu("NVIDIA H100 SXM5 80GB", bf16=989, fp8=1979, fp32=67, tf32=494.5, fp64=67, memory_gb=80,
+    "h100": _gpu("NVIDIA H100 SXM5 80GB", bf16=989.4, fp8=1979, fp32=67, tf32=494.5, fp64=67, memory_gb=80,
                  hbm_tbps=3.35, nvlink_gbps=450, network_gbitps=400, mamf=0.803),
-    "h200": _gpu("NVIDIA H200 SXM 141GB", bf16=989, fp8=1979, fp32=67, tf32=494.5, fp64=67, memory_gb=141,
+    "h200": _gpu("NVIDIA H200 SXM 141GB", bf16=989.4, fp8=1979, fp32=67, tf32=494.5, fp64=67, memory_gb=141,
                  hbm_tbps=4.8, nvlink_gbps=450, network_gbitps=400, mamf=0.803),
     "b200": _gpu("NVIDIA B200 180GB", bf16=2250, fp8=4500, fp32=80, tf32=1125, fp64=80, memory_gb=180,
                  hbm_tbps=8.0, nvlink_gbps=900, network_gbitps=400, mamf=0.803),
 }  # fmt: skip
+
+
+# What torch.cuda.get_device_name() reports → dense bf16 peak FLOP/s, first match first: the GPUs above and
+# the PCIe / NVL boards of the same chips (H100 PCIe 756, H100 NVL and H200 NVL 835: their datasheets'
+# "with sparsity" figures halved). MFU in the training logs reads this.
+DEVICE_BF16_PEAKS: tuple[tuple[str, float], ...] = (
+    ("H200 NVL", 835 * TFLOPS),
+    ("H200", GPUS["h200"].peak_flops["bf16"]),
+    ("H100 NVL", 835 * TFLOPS),
+    ("H100 PCIe", 756 * TFLOPS),
+    ("H100", GPUS["h100"].peak_flops["bf16"]),
+    ("A100", GPUS["a100"].peak_flops["bf16"]),
+    ("B200", GPUS["b200"].peak_flops["bf16"]),
+)
+
+
+def device_bf16_peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of the GPU named ``device_name`` (None when not in DEVICE_BF16_PEAKS)."""
+    return next((flops for key, flops in DEVICE_BF16_PEAKS if key in device_name), None)
 
 
 @dataclass(frozen=True)

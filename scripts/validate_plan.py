@@ -11,7 +11,7 @@ CPU config (``key=value`` are Hydra overrides); step 2 is measured on every rank
 - host syncs a GPU would make: ``.item()`` / ``.tolist()`` / ops with data-dependent output sizes outside the
   data phase (AdamW's step counters excluded: they stay on the host on a GPU too), counted here by wrapping the
   Python calls, independently of the planner's recorder;
-- the routing: every count the dispatchers read (their ``counts_to_host`` seam, wrapped).
+- the routing: every count the dispatchers read (their ``exchange_counts`` seam, wrapped).
 Then ``moe_dist.plan`` plans the same job for a CPU (plan.device=cpu) with the recorded routing (every rank)
 and with uniform routing, and for GPUs (plan.device=cuda). Checks: planned peak within 15% of the measured
 one, planned all-to-all bytes with the recorded routing equal to the meter's, planned syncs equal to the
@@ -118,17 +118,17 @@ def measured_rank(rank: int, world: int, overrides: list[str]) -> dict:
     from moe_dist.trainer import build_run, train_step
 
     run = build_run(compose(overrides))
-    answers: list[list[int]] = []
+    answers: list[list[list[list[int]]]] = []
     for layer in run.model.modules():
         if isinstance(layer, MoELayer):
-            real = layer.dispatcher.counts_to_host
+            real = layer.dispatcher.exchange_counts
 
-            def recorded(counts, real=real):
-                answer = real(counts)
-                answers.append(list(answer))
+            def recorded(kept_CE, real=real):
+                answer = real(kept_CE)
+                answers.append(answer)
                 return answer
 
-            layer.dispatcher.counts_to_host = recorded
+            layer.dispatcher.exchange_counts = recorded
     train_step(run, 1)
     answers.clear()
     state = [t for s in run.engine.optimizer.state.values() for t in s.values()]

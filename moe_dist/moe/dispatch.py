@@ -192,7 +192,7 @@ class ExpertRows:
 
     counts_PL: list[list[int]] | None  # rows per (source rank, local expert) on the host; None: not read yet
     device_counts_L: torch.Tensor | None = None  # rows per local expert on the device, once there
-    read_counts: Callable[[torch.Tensor], list[list[list[int]]]] | None = None  # TokenDispatcher.exchange_counts
+    read_counts: Callable[[torch.Tensor], list] | None = None  # the dispatcher's exchange_counts
 
     @classmethod
     def from_device(cls, tokens_per_expert_L: torch.Tensor, *, read_counts) -> ExpertRows:
@@ -228,9 +228,10 @@ class ExpertRows:
         """Host row index that reorders (source, expert) rows to (expert, source); None when already so."""
         if self.counts_PL is None or len(self.counts_PL) == 1:
             return None
-        segments_S2 = torch.tensor([seg for segs in self.segments() for seg in segs], dtype=torch.int64)
-        starts_S, lengths_S = segments_S2.reshape(-1, 2).unbind(dim=1)
-        return segment_index(starts_S, lengths_S, int(lengths_S.sum()))
+        segments = [seg for segs in self.segments() for seg in segs]
+        starts_S, lengths_S = torch.tensor(segments, dtype=torch.int64).reshape(-1, 2).unbind(dim=1)
+        # The row count from the host lists, not from the tensor: moe_dist.plan runs this on fake tensors.
+        return segment_index(starts_S, lengths_S, sum(n for _, n in segments))
 
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -1,4 +1,5 @@
-"""FLOPs of the Transformer by formula: the check on what the planner counts op by op, and the model FLOPs of MFU.
+"""FLOPs of the Transformer by formula: the check on what the planner counts op by op. (Model FLOPs for MFU are
+``moe_dist.model.transformer.model_flops_per_token``, the training logs' own count.)
 
 Legend: B sequences per micro-batch, S sequence length, T = B·S tokens, D model dim, H query heads, Hkv key/value
 heads, Dh head dim, V vocab, E experts, K experts per token, F expert hidden, R expert rows on this rank.
@@ -6,8 +7,7 @@ heads, Dh head dim, V vocab, E experts, K experts per token, F expert hidden, R 
 Counted convention (torch.utils.flop_counter's): a matmul [m, k] x [k, n] is 2·m·k·n; backward is twice the
 forward, except attention, whose backward recomputes the scores (2.5x); causal attention is counted as the
 full S x S square; recomputation (activation checkpointing, the chunked loss's logits, receive-budget rounds)
-counts again. MFU convention (model FLOPs, the usual 6·N·tokens): no recomputation, causal attention counted
-as the half that is computed.
+counts again.
 """
 
 from __future__ import annotations
@@ -15,13 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from moe_dist.config import ModelConfig
-
-
-def _heads(m: ModelConfig) -> tuple[int, int, int]:
-    """(query heads, key/value heads, head dim)."""
-    head_dim = m.head_dim or m.dim // m.n_heads
-    kv_heads = m.n_kv_heads or m.n_heads
-    return m.n_heads, kv_heads, head_dim
+from moe_dist.model.transformer import head_dim, kv_heads
 
 
 def moe_layer_ids(m: ModelConfig) -> list[int]:
@@ -53,7 +47,7 @@ def forward_flops(m: ModelConfig, *, batch: int, expert_rows: list[int]) -> Forw
     """``expert_rows``: rows this rank's experts process in each MoE layer (in layer order)."""
     S, D, L = m.seq_len, m.dim, m.n_layers
     T = batch * S
-    H, Hkv, Dh = _heads(m)
+    H, Hkv, Dh = m.n_heads, kv_heads(m), head_dim(m)
     moe_ids = moe_layer_ids(m)
     rows = dict(zip(moe_ids, expert_rows))
     router_mms = 2 if m.moe.noisy_gate else 1
@@ -109,21 +103,3 @@ def training_flops(forward: ForwardFlops, *, recomputed: int = 0, frozen: tuple[
             value = getattr(forward, name)
             weight_grads -= value if isinstance(value, int) else sum(value)
     return forward.total() + (forward.total() - attention) + weight_grads + int(2.5 * attention) + recomputed
-
-
-def model_flops_per_token(m: ModelConfig) -> float:
-    """Training FLOPs per token for MFU: 6 x the matmul parameters a token meets (routed experts: top_k of them)
-    plus causal attention (fwd + bwd: 3 x 2·2·S·H·Dh / 2 per layer)."""
-    D, S = m.dim, m.seq_len
-    H, Hkv, Dh = _heads(m)
-    num_moe = len(moe_layer_ids(m))
-    top_k = m.moe.num_experts if m.moe.router == "soft" else m.moe.top_k
-    per_token_params = (
-        m.n_layers * (2 * D * H * Dh + 2 * D * Hkv * Dh)
-        + num_moe * D * m.moe.num_experts * (2 if m.moe.noisy_gate else 1)
-        + num_moe * 3 * D * m.moe.expert_hidden * (top_k + m.moe.num_shared_experts)
-        + (m.n_layers - num_moe) * 3 * D * m.ffn_hidden
-        + D * m.vocab_size
-    )
-    attention = m.n_layers * 3 * 2 * S * H * Dh  # 3 x (QK^T + PV) x 2 FLOPs x S^2 / 2, per token
-    return 6 * per_token_params + attention

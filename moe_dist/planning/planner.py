@@ -18,10 +18,9 @@ import torch
 from moe_dist.config import Config, batch_layout, validate_plan
 from moe_dist.hardware import GPU, Overheads, gpu
 from moe_dist.model.build import freeze_parameters
-from moe_dist.model.transformer import Transformer, count_parameters
+from moe_dist.model.transformer import Transformer, count_parameters, model_flops_per_token
 from moe_dist.planning.flops import (
     forward_flops,
-    model_flops_per_token,
     moe_layer_ids,
     recomputed_flops,
     training_flops,
@@ -29,7 +28,7 @@ from moe_dist.planning.flops import (
 from moe_dist.planning.rank import RankTrace, plan_rank, planning_config
 from moe_dist.planning.recorder import Collective, Kernel
 from moe_dist.planning.roofline import Layout, RankTime, Rates, simulate
-from moe_dist.planning.routing import max_skew, skewed_counts
+from moe_dist.planning.routing import max_skew, planned_counts
 from moe_dist.trainer import validate_run
 
 GiB = 2**30
@@ -168,10 +167,12 @@ def expert_rows(cfg: Config, *, ep_rank: int, skew: float) -> tuple[list[int], i
         return [], 1
     tokens = batch_layout(cfg.trainer, world_size=cfg.plan.world_size)[0] * m.seq_len
     top_k = m.moe.num_experts if m.moe.router == "soft" else m.moe.top_k
-    row = skewed_counts(tokens=tokens, top_k=top_k, num_experts=m.moe.num_experts, skew=skew)
+    capacity = None
     if m.moe.capacity_factor is not None:
         capacity = math.ceil(Fraction(repr(m.moe.capacity_factor)) * tokens * top_k / m.moe.num_experts)
-        row = [min(n, capacity) for n in row]
+    (row,) = planned_counts(  # chunking (model.moe.overlap_chunks) changes no total
+        tokens=tokens, chunks=1, top_k=top_k, num_experts=m.moe.num_experts, skew=skew, capacity=capacity
+    )
     local = m.moe.num_experts // ep
     received = [ep * sum(row[q * local : (q + 1) * local]) for q in range(ep)]
     rounds = 1
@@ -317,7 +318,8 @@ def make_plan(
     ]
     roles = runs[0] if len(runs) == 1 else [_extrapolate(a, b, depths=depths, cfg=cfg) for a, b in zip(*runs)]
     with torch.device("meta"):
-        params = count_parameters(Transformer(cfg.model))
+        meta_model = Transformer(cfg.model)
+    params = count_parameters(meta_model)
     notes = []
     if len(depths) == 2:
         notes.append(
@@ -331,7 +333,7 @@ def make_plan(
         roles=roles,
         params=params,
         tokens_per_step=cfg.trainer.global_batch_size * cfg.model.seq_len,
-        model_flops_per_token=model_flops_per_token(cfg.model),
+        model_flops_per_token=model_flops_per_token(meta_model),  # MFU's own count (moe_dist/mfu.py)
         usable_bytes=hw.memory_bytes * (1 - cfg.plan.headroom),
         depths=depths,
         notes=notes,

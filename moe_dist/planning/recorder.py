@@ -396,10 +396,13 @@ class StepRecorder(TorchDispatchMode):
             output, inp, _, out_splits, in_splits = args[:5]
             send_to = _per_peer(inp, in_splits, ranks)
             recv_from = _per_peer(output, out_splits, ranks)
-        async_op = bool(kwargs.get("async_op", False))
-        names = [a.name for a in func._schema.arguments]
-        if "async_op" in names and names.index("async_op") < len(args):
-            async_op = bool(args[names.index("async_op")])
+        # c10d ops leave out an async_op equal to the schema's default (True): async_op=True calls pass nothing.
+        schema_args = {a.name: (i, a) for i, a in enumerate(func._schema.arguments)}
+        async_op = False
+        if "async_op" in schema_args:
+            i, arg = schema_args["async_op"]
+            default = arg.default_value if arg.has_default_value() else False
+            async_op = bool(args[i] if i < len(args) else kwargs.get("async_op", default))
         side = async_op or not c10d or bool(self.streams and self.streams.on_side_stream)
         self.events.append(
             Collective(

@@ -1,9 +1,11 @@
-"""The routing a plan assumes, handed to the dispatcher through its seam (``TokenDispatcher.counts_to_host``).
+"""The routing a plan assumes, handed to the dispatcher through its seam (``TokenDispatcher.exchange_counts``).
 
 Fake tensors carry no values, so the one host sync of an MoE layer (the all-gathered expert counts that size
-the all-to-all) has nothing to read. The planner answers it instead: every rank routes its T·K token copies
-with the same per-expert counts, uniform, or with expert ``hot`` getting ``skew`` times the mean. The EP rank
-owning expert ``hot`` then receives the most rows: the worst rank under that skew.
+the all-to-all; without an exchange, the counts the expert loop splits by) has nothing to read. The planner
+answers it instead: every rank routes its T·K token copies with the same per-expert counts, uniform, or with
+expert ``hot`` getting ``skew`` times the mean. The EP rank owning expert ``hot`` then receives the most rows:
+the worst rank under that skew. With ``model.moe.overlap_chunks`` = C the counts come per chunk of tokens
+(in proportion to each chunk's tokens, as the dispatcher cuts them).
 """
 
 from __future__ import annotations
@@ -30,6 +32,26 @@ def max_skew(*, top_k: int, num_experts: int) -> float:
     return num_experts / top_k
 
 
+def planned_counts(
+    *, tokens: int, chunks: int, top_k: int, num_experts: int, skew: float, capacity: int | None
+) -> list[list[int]]:
+    """Kept copies per (chunk, expert) on one rank: the rank's ``skewed_counts`` (capped at ``capacity``),
+    each expert's copies split over the chunks in proportion to their tokens (chunk c holds the tokens t with
+    floor(t·C/T) = c, as the dispatcher cuts them), so chunking changes no total."""
+    if tokens == 0:
+        return [[0] * num_experts for _ in range(chunks)]
+    row = skewed_counts(tokens=tokens, top_k=top_k, num_experts=num_experts, skew=skew)
+    if capacity is not None:
+        row = [min(n, capacity) for n in row]
+    ends = [sum(1 for t in range(tokens) if t * chunks // tokens <= c) for c in range(chunks)]
+    starts = [0, *ends[:-1]]
+    return [[n * end // tokens - n * start // tokens for n in row] for start, end in zip(starts, ends)]
+
+
+def _moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
 class PlannedRouting:
     """Installed on every MoE layer's dispatcher; reports each answer as a host sync to ``on_sync``."""
 
@@ -38,46 +60,48 @@ class PlannedRouting:
 
     def install(self, model: nn.Module) -> int:
         """Hooks every MoE layer of ``model``; returns how many."""
-        layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        layers = _moe_layers(model)
         for layer in layers:
-            row = skewed_counts(
-                tokens=self.tokens,
-                top_k=layer.router.top_k,
-                num_experts=layer.cfg.num_experts,
-                skew=self.skew,
-            )
-            capacity = layer.capacity(self.tokens)
-            if capacity is not None:
-                row = [min(n, capacity) for n in row]
-            layer.dispatcher.counts_to_host = self._answer(row)
+            layer.dispatcher.exchange_counts = self._answer(layer)
         return len(layers)
 
-    def _answer(self, row: list[int]):
-        def counts_to_host(counts) -> list[int]:
-            assert counts.numel() % len(row) == 0, (tuple(counts.shape), len(row))
+    def _answer(self, layer: MoELayer):
+        dispatcher = layer.dispatcher
+
+        def exchange_counts(kept_CE) -> list[list[list[int]]]:
+            chunks, num_experts = kept_CE.shape
             if self.on_sync is not None:
                 self.on_sync("routing_counts")  # a GPU blocks here: the layer's one device-to-host sync
-            return row * (counts.numel() // len(row))  # [E], or the all-gathered [ep * E]
+            row_CE = planned_counts(
+                tokens=self.tokens,
+                chunks=chunks,
+                top_k=layer.router.top_k,
+                num_experts=num_experts,
+                skew=self.skew,
+                capacity=layer.capacity(self.tokens),
+            )
+            sources = dispatcher.ep if dispatcher.group is not None else 1
+            return [[list(row) for row in row_CE] for _ in range(sources)]
 
-        return counts_to_host
+        return exchange_counts
 
 
 class ReplayedRouting:
     """Answers the dispatchers' count reads with recorded ones, in call order (validation against a real run:
     the same routing, so the same all-to-all bytes)."""
 
-    def __init__(self, answers: list[list[int]], *, on_sync=None):
+    def __init__(self, answers: list[list[list[list[int]]]], *, on_sync=None):
         self.answers, self.on_sync = list(answers), on_sync
 
     def install(self, model: nn.Module) -> int:
-        layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        layers = _moe_layers(model)
         for layer in layers:
-            layer.dispatcher.counts_to_host = self._next
+            layer.dispatcher.exchange_counts = self._next
         return len(layers)
 
-    def _next(self, counts) -> list[int]:
+    def _next(self, kept_CE) -> list[list[list[int]]]:
         answer = self.answers.pop(0)
-        assert len(answer) == counts.numel(), (len(answer), tuple(counts.shape))
+        assert [len(answer[0]), len(answer[0][0])] == list(kept_CE.shape), (len(answer), tuple(kept_CE.shape))
         if self.on_sync is not None:
             self.on_sync("routing_counts")
         return answer
