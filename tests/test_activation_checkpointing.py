@@ -61,8 +61,8 @@ def test_mode_lowers_the_measured_peak(fp32_peaks, mode):
 
 def test_full_checkpointing_keeps_no_recomputed_graph(fp32_peaks):
     """The recomputed forward of a block reports its aux / z losses again: kept with their graph, they held
-    every recomputed block until the step's end (full: 23.5 MiB of none's 51.3; 15.9 MiB without)."""
-    assert fp32_peaks["full"] < 0.4 * fp32_peaks["none"], (fp32_peaks["full"], fp32_peaks["none"])
+    every recomputed block until the step's end (full: 22.5 MiB of none's 35.0; 14.9 MiB without)."""
+    assert fp32_peaks["full"] < 0.5 * fp32_peaks["none"], (fp32_peaks["full"], fp32_peaks["none"])
 
 
 def test_modes_checkpoint_the_modules_they_name():

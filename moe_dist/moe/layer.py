@@ -104,7 +104,7 @@ class MoELayer(nn.Module):
         if torch._C._current_graph_task_id() != -1:
             # Inside backward: activation checkpointing recomputing this layer. Its losses were taken in the
             # first forward; kept with their graph, they would hold every recomputed block's tensors until the
-            # step's end (8-layer CPU model, full checkpointing: step peak 51.4 MiB with, 15.8 without).
+            # step's end (8-layer CPU model, full checkpointing: step peak 49.6 MiB with, 13.9 without).
             aux_loss, z_loss = aux_loss.detach(), z_loss.detach()
         self.stats = MoEStats(
             aux_loss=aux_loss,
