@@ -90,6 +90,9 @@ def test_world_64_plan_of_a_small_model(plans):
     sent = next(r for r in role["traffic"] if r["kind"] == "all_to_all")
     assert sent["bytes"] == 4 * 2 * 4 * T * K * D * 2 * (ep - 1) // ep
     assert role["syncs"] == {"routing_counts": 4 * 2, "item": 1}  # one per MoE layer forward, one per step
+    # The dispatcher's own exchange of the counts ([ep, 16] int64 gathered), once per MoE layer forward.
+    counts = next(r for r in role["traffic"] if (r["kind"], r["group"]) == ("all_gather", "ep"))
+    assert counts["calls"] == 4 * 2 and counts["bytes"] == 4 * 2 * ep * 16 * 8
     assert role["static"]["parameters"] >= 4 * role["local_params"]
     assert plan["fits"] and 0 < plan["step_s"]["roofline"] <= plan["step_s"]["estimate"]
 

@@ -104,9 +104,9 @@ def plan_rank(
         micro_batch_size, _ = batch_layout(cfg.trainer, world_size=world_size)
         tokens = micro_batch_size * cfg.model.seq_len
         if replay is not None:
-            ReplayedRouting(replay, on_sync=recorder.host_sync).install(model)
+            ReplayedRouting(replay, labelled=recorder.labelled).install(model)
         else:
-            PlannedRouting(tokens=tokens, skew=skew, on_sync=recorder.host_sync).install(model)
+            PlannedRouting(tokens=tokens, skew=skew, labelled=recorder.labelled).install(model)
         # Any token stream of the right dtype: values never matter, shapes do.
         stream = TokenStream.from_array(
             np.zeros(cfg.model.seq_len + 2, dtype=np.int64), np.zeros(1, np.int64)

@@ -24,6 +24,7 @@ import contextlib
 import math
 import weakref
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -175,6 +176,7 @@ class StepRecorder(TorchDispatchMode):
         self.phase = "setup"
         self.events: list[Kernel | Collective | Sync] = []
         self.syncs: dict[str, int] = defaultdict(int)
+        self.sync_label: str | None = None  # set by labelled()
         # memory
         self.live: dict[str, int] = defaultdict(int)
         self.total = 0
@@ -254,8 +256,18 @@ class StepRecorder(TorchDispatchMode):
     def host_sync(self, what: str) -> None:
         if self.phase == "data":  # host work on the host-resident token stream: no device involved
             return
+        what = self.sync_label or what
         self.syncs[what] += 1
         self.events.append(Sync(self.phase, what))
+
+    @contextlib.contextmanager
+    def labelled(self, label: str) -> Iterator[None]:
+        """Host syncs inside are recorded as ``label`` (the routing counts' read: "routing_counts")."""
+        self.sync_label = label
+        try:
+            yield
+        finally:
+            self.sync_label = None
 
     def __enter__(self):
         from torch._subclasses.fake_tensor import FakeTensor

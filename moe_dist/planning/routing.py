@@ -2,13 +2,16 @@
 
 Fake tensors carry no values, so the one host sync of an MoE layer (the all-gathered expert counts that size
 the all-to-all; without an exchange, the counts the expert loop splits by) has nothing to read. The planner
-answers it instead: every rank routes its T·K token copies with the same per-expert counts, uniform, or with
+wraps it: the dispatcher's own ``exchange_counts`` runs (its all-gather and its host read are recorded), and
+the planned counts replace what it read: every rank routes its T·K token copies alike, uniform, or with
 expert ``hot`` getting ``skew`` times the mean. The EP rank owning expert ``hot`` then receives the most rows:
 the worst rank under that skew. With ``model.moe.overlap_chunks`` = C the counts come per chunk of tokens
 (in proportion to each chunk's tokens, as the dispatcher cuts them).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from torch import nn
 
@@ -53,10 +56,12 @@ def _moe_layers(model: nn.Module) -> list[MoELayer]:
 
 
 class PlannedRouting:
-    """Installed on every MoE layer's dispatcher; reports each answer as a host sync to ``on_sync``."""
+    """Installed on every MoE layer's dispatcher: its own ``exchange_counts`` still runs (the all-gather of the
+    counts and the host read a GPU would do, recorded as the "routing_counts" sync under ``labelled``), and
+    the planned counts replace the values it read (a fake tensor has none)."""
 
-    def __init__(self, *, tokens: int, skew: float, on_sync=None):
-        self.tokens, self.skew, self.on_sync = tokens, skew, on_sync
+    def __init__(self, *, tokens: int, skew: float, labelled=contextlib.nullcontext):
+        self.tokens, self.skew, self.labelled = tokens, skew, labelled
 
     def install(self, model: nn.Module) -> int:
         """Hooks every MoE layer of ``model``; returns how many."""
@@ -66,42 +71,44 @@ class PlannedRouting:
         return len(layers)
 
     def _answer(self, layer: MoELayer):
-        dispatcher = layer.dispatcher
+        dispatcher, real = layer.dispatcher, layer.dispatcher.exchange_counts
 
         def exchange_counts(kept_CE) -> list[list[list[int]]]:
-            chunks, num_experts = kept_CE.shape
-            if self.on_sync is not None:
-                self.on_sync("routing_counts")  # a GPU blocks here: the layer's one device-to-host sync
+            with self.labelled("routing_counts"):
+                read = real(kept_CE)  # the collective and the sync; the values read are meaningless
             row_CE = planned_counts(
                 tokens=self.tokens,
-                chunks=chunks,
+                chunks=kept_CE.shape[0],
                 top_k=layer.router.top_k,
-                num_experts=num_experts,
+                num_experts=kept_CE.shape[1],
                 skew=self.skew,
                 capacity=layer.capacity(self.tokens),
             )
-            sources = dispatcher.ep if dispatcher.group is not None else 1
-            return [[list(row) for row in row_CE] for _ in range(sources)]
+            assert len(read) == (dispatcher.ep if dispatcher.group is not None else 1)
+            return [[list(row) for row in row_CE] for _ in read]
 
         return exchange_counts
 
 
 class ReplayedRouting:
     """Answers the dispatchers' count reads with recorded ones, in call order (validation against a real run:
-    the same routing, so the same all-to-all bytes)."""
+    the same routing, so the same all-to-all bytes); the dispatchers' own ``exchange_counts`` still runs."""
 
-    def __init__(self, answers: list[list[list[list[int]]]], *, on_sync=None):
-        self.answers, self.on_sync = list(answers), on_sync
+    def __init__(self, answers: list[list[list[list[int]]]], *, labelled=contextlib.nullcontext):
+        self.answers, self.labelled = list(answers), labelled
 
     def install(self, model: nn.Module) -> int:
         layers = _moe_layers(model)
         for layer in layers:
-            layer.dispatcher.exchange_counts = self._next
+            layer.dispatcher.exchange_counts = self._replay(layer.dispatcher.exchange_counts)
         return len(layers)
 
-    def _next(self, kept_CE) -> list[list[list[int]]]:
-        answer = self.answers.pop(0)
-        assert [len(answer[0]), len(answer[0][0])] == list(kept_CE.shape), (len(answer), tuple(kept_CE.shape))
-        if self.on_sync is not None:
-            self.on_sync("routing_counts")
-        return answer
+    def _replay(self, real):
+        def exchange_counts(kept_CE) -> list[list[list[int]]]:
+            with self.labelled("routing_counts"):
+                read = real(kept_CE)
+            answer = self.answers.pop(0)
+            assert len(answer) == len(read) and len(answer[0]) == len(read[0]), (len(answer), len(read))
+            return answer
+
+        return exchange_counts
