@@ -414,7 +414,16 @@ def validate(cfg: Config, *, world_size: int) -> None:
             f"cannot be kept at world size {world_size}: trainer.global_batch_size={t.global_batch_size} "
             f"must be a positive multiple of world_size x accum_steps = {world_size} x {t.accum_steps}",
         )
-    parse_activation_checkpointing(t.activation_checkpointing)
+    ac_kind, _ = parse_activation_checkpointing(t.activation_checkpointing)
+    # The chunked pipeline runs its own backward per chunk inside the block's backward: a checkpointed block
+    # would be recomputed again for each of them (torch's checkpoint refuses: found by moe_dist.plan).
+    _require(
+        m.moe.overlap_chunks == 1 or ac_kind != "every_n",
+        "trainer.activation_checkpointing",
+        t.activation_checkpointing,
+        f"cannot be combined with model.moe.overlap_chunks={m.moe.overlap_chunks} (use none or moe, or "
+        "overlap_chunks=1)",
+    )
     _require(
         m.moe.aux_loss_scope in AUX_LOSS_SCOPES,
         "model.moe.aux_loss_scope",
