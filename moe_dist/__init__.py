@@ -1,7 +1,8 @@
 """moe_dist: expert-parallel x data-parallel Mixture-of-Experts training.
 
 The public names below are imported on first use, so that torch-free tools (``python -m moe_dist.prepare``
-and its worker processes) start without importing torch.
+and its worker processes) start without importing torch, and ``python -m moe_dist.plan`` can load its
+fake-CUDA shim before the first ``import torch`` (see moe_dist/planning/fake_cuda.py).
 """
 
 from __future__ import annotations

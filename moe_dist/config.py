@@ -140,6 +140,23 @@ class LoggingConfig:
 
 
 @dataclass
+class PlanConfig:
+    world_size: int = 8  # GPUs of the planned job (python -m moe_dist.plan); the run's world size
+    gpus_per_node: int = 8  # GPUs per node: NVLink inside a node, the network across nodes
+    gpu: str = "h100"  # hardware constants (moe_dist/hardware.py): a100, h100, h200, b200
+    skew: float = 1.0  # routing: the hottest expert gets skew x the mean token copies (1 = uniform)
+    search: bool = False  # try every feasible (ep, engine, micro-batch, activation checkpointing), rank them
+    depth: str = (
+        "auto"  # "full": run every layer; "auto": two short stacks, extrapolated (searches, deep models)
+    )
+    headroom: float = 0.1  # share of GPU memory kept free (CUDA context, NCCL buffers, fragmentation)
+    json: str | None = None  # also write the plan (or the search) as JSON to this path
+    device: str = (
+        "cuda"  # "cuda": plan a GPU job; "cpu": a CPU (gloo) job: memory, traffic, syncs, no roofline
+    )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -147,6 +164,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)  # python -m moe_dist.plan only; training ignores it
 
 
 def register_configs() -> None:
@@ -396,7 +414,16 @@ def validate(cfg: Config, *, world_size: int) -> None:
             f"cannot be kept at world size {world_size}: trainer.global_batch_size={t.global_batch_size} "
             f"must be a positive multiple of world_size x accum_steps = {world_size} x {t.accum_steps}",
         )
-    parse_activation_checkpointing(t.activation_checkpointing)
+    ac_kind, _ = parse_activation_checkpointing(t.activation_checkpointing)
+    # The chunked pipeline runs its own backward per chunk inside the block's backward: a checkpointed block
+    # would be recomputed again for each of them (torch's checkpoint refuses: found by moe_dist.plan).
+    _require(
+        m.moe.overlap_chunks == 1 or ac_kind != "every_n",
+        "trainer.activation_checkpointing",
+        t.activation_checkpointing,
+        f"cannot be combined with model.moe.overlap_chunks={m.moe.overlap_chunks} (use none or moe, or "
+        "overlap_chunks=1)",
+    )
     _require(
         m.moe.aux_loss_scope in AUX_LOSS_SCOPES,
         "model.moe.aux_loss_scope",
@@ -430,3 +457,22 @@ def parse_activation_checkpointing(mode: str) -> tuple[str, int]:
         f"must be one of {ACTIVATION_CHECKPOINTING} with n >= 1",
     )
     return "every_n", int(n)
+
+
+PLAN_DEPTHS = ("auto", "full")
+
+
+def validate_plan(p: PlanConfig) -> None:
+    """The plan.* keys (python -m moe_dist.plan); the GPU name is checked against moe_dist/hardware.py there."""
+    _require(p.world_size >= 1, "plan.world_size", p.world_size, "must be >= 1")
+    _require(p.gpus_per_node >= 1, "plan.gpus_per_node", p.gpus_per_node, "must be >= 1")
+    _require(
+        p.world_size < p.gpus_per_node or p.world_size % p.gpus_per_node == 0,
+        "plan.world_size",
+        p.world_size,
+        f"must fill whole nodes: a multiple of plan.gpus_per_node={p.gpus_per_node}",
+    )
+    _require(p.skew >= 1.0, "plan.skew", p.skew, "must be >= 1 (1 = uniform routing)")
+    _require(p.depth in PLAN_DEPTHS, "plan.depth", p.depth, f"must be one of {PLAN_DEPTHS}")
+    _require(0 <= p.headroom < 1, "plan.headroom", p.headroom, "must be in [0, 1)")
+    _require(p.device in ("cuda", "cpu"), "plan.device", p.device, "must be cuda or cpu")

@@ -2,8 +2,9 @@
 
 MFU = model FLOP/s per rank / the device's peak FLOP/s. Model FLOPs come from the architecture alone
 (``moe_dist.model.transformer.model_flops_per_token``), so recomputation or padding never counts as useful.
-The peak is ``trainer.peak_tflops`` when set; else, on a known GPU, its dense bf16 tensor-core peak; on CPU,
-the rate of a 1024³ GEMM in the compute dtype measured when the run starts.
+The peak is ``trainer.peak_tflops`` when set; else, on a known GPU, its dense bf16 tensor-core peak (from
+moe_dist/hardware.py, the one table of GPU constants); on CPU, the rate of a 1024³ GEMM in the compute dtype
+measured when the run starts.
 """
 
 from __future__ import annotations
@@ -12,16 +13,8 @@ import time
 
 import torch
 
-# Dense bf16 tensor-core peaks in TFLOP/s per GPU (NVIDIA data sheets list them "with sparsity": halved
-# here). Matched as substrings of torch.cuda.get_device_name(), first match first.
-GPU_PEAK_BF16_TFLOPS = (
-    ("H200 NVL", 835.0),
-    ("H200", 989.4),
-    ("H100 NVL", 835.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.4),  # SXM5
-    ("A100", 312.0),  # SXM4 and PCIe
-)
+from moe_dist.hardware import TFLOPS, device_bf16_peak_flops
+
 GEMM_SIZE = 1024
 
 
@@ -52,8 +45,8 @@ def device_peak_tflops(
         name = torch.cuda.get_device_name(device)
         if dtype != torch.bfloat16:
             return None, f"no built-in {dtype} peak for {name}: set trainer.peak_tflops"
-        for key, tflops in GPU_PEAK_BF16_TFLOPS:
-            if key in name:
-                return tflops, f"{name} dense bf16 data-sheet peak"
-        return None, f"unknown GPU {name!r}: set trainer.peak_tflops"
+        flops = device_bf16_peak_flops(name)
+        if flops is None:
+            return None, f"unknown GPU {name!r}: set trainer.peak_tflops"
+        return flops / TFLOPS, f"{name} dense bf16 data-sheet peak (moe_dist/hardware.py)"
     return measure_gemm_tflops(device, dtype), f"measured {GEMM_SIZE}³ {dtype} GEMM on {device.type}"

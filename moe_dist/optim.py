@@ -14,7 +14,10 @@ def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8)
+    # torch's default implementation, made explicit: foreach on CUDA, the per-parameter loop elsewhere. Left to
+    # torch, fake CUDA parameters (moe_dist.plan) would get the loop, whose peak memory differs from a GPU's.
+    foreach = all(p.device.type == "cuda" for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, foreach=foreach)
 
 
 def lr_at(step: int, cfg: TrainerConfig) -> float:

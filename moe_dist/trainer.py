@@ -191,7 +191,7 @@ def build_run(cfg: Config) -> Run:
     """Validates, loads the data, starts the process group, builds the mesh, the model and the engine."""
     world_size = env_world_size()
     validate_run(cfg, world_size=world_size)  # user errors surface here, before any collective or file write
-    t, mcfg = cfg.trainer, cfg.model
+    mcfg = cfg.model
     data = load_tokens(cfg.data, vocab_size=mcfg.vocab_size, seq_len=mcfg.seq_len)
     device_type, backend = run_device(cfg)
     timeout_s = collective_timeout_s(backend, cfg.parallel.timeout_s)
@@ -204,9 +204,25 @@ def build_run(cfg: Config) -> Run:
     )
     mesh = build_mesh(ep=cfg.parallel.ep, num_experts=mcfg.moe.num_experts)
     model = build_model(cfg, mesh, device)
+    return assemble_run(cfg, mesh=mesh, device=device, data=data, model=model, timeout_s=timeout_s)
+
+
+def assemble_run(
+    cfg: Config,
+    *,
+    mesh: Mesh,
+    device: torch.device,
+    data: TokenSplits,
+    model: Transformer,
+    timeout_s: float,
+    checkpoints: bool = True,
+) -> Run:
+    """The engine and the step's state around a built model. moe_dist.plan calls it with fake devices and
+    ``checkpoints=False`` (no checkpoint group: a plan saves nothing)."""
+    t, mcfg = cfg.trainer, cfg.model
     engine = build_engine(model, engine=cfg.engine, trainer=t, mesh=mesh)
     # After the engine: DeepSpeed starts a process group of its own in a world of 1.
-    ckpt_group = checkpoint_group(timeout_s=timeout_s)
+    ckpt_group = checkpoint_group(timeout_s=timeout_s) if checkpoints else None
     moe_names = [name for name, m in model.named_modules() if isinstance(m, MoELayer)]
     micro_batch_size, accum_steps = batch_layout(t, world_size=mesh.world_size)
     precision = resolve_precision(t.precision, device)

@@ -401,3 +401,14 @@ def test_accum_steps_a_world_size_cannot_keep_is_refused_with_the_numbers():
 )
 def test_activation_checkpointing_modes_parse(mode, parsed):
     assert parse_activation_checkpointing(mode) == parsed
+
+
+def test_overlap_chunks_refuse_block_checkpointing():
+    """The chunk pipeline's per-chunk backward would recompute a checkpointed block again (torch refuses):
+    found by moe_dist.plan; experts-only checkpointing stays allowed."""
+    for mode in ("full", "every_n:2"):
+        with raises_key("trainer.activation_checkpointing", mode):
+            validate(
+                config(moe={"overlap_chunks": 2}, trainer={"activation_checkpointing": mode}), world_size=2
+            )
+    validate(config(moe={"overlap_chunks": 2}, trainer={"activation_checkpointing": "moe"}), world_size=2)

@@ -325,7 +325,10 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # only compared by type: 
 
 
 def test_grouped_mm_mode_selection():
-    assert GroupedExperts(2, 8, 4, grouped_mm="auto").uses_grouped_mm(torch.float32, CUDA)
+    # CUDA grouped_mm takes bf16 only: fp32 / fp64 experts loop (found by the planner on fake CUDA).
+    assert not GroupedExperts(2, 8, 4, grouped_mm="auto").uses_grouped_mm(torch.float32, CUDA)
+    with pytest.raises(ValueError, match="grouped_mm='on': CUDA grouped_mm needs bf16"):
+        GroupedExperts(2, 8, 4, grouped_mm="on").uses_grouped_mm(torch.float32, CUDA)
     assert GroupedExperts(2, 8, 8, grouped_mm="auto").uses_grouped_mm(torch.bfloat16, CUDA)
     assert not GroupedExperts(2, 8, 4, grouped_mm="auto").uses_grouped_mm(torch.bfloat16, CUDA)
     assert not GroupedExperts(2, 8, 4, grouped_mm="auto").uses_grouped_mm(torch.float32, CPU)  # loop faster
@@ -479,3 +482,18 @@ def test_layer_under_bf16_autocast_keeps_fp32_output_and_gradients():
     torch.testing.assert_close(y, y_ref, atol=0.1, rtol=0.05)  # bf16 rounding of rows and weights
     assert x1.grad.dtype == torch.float32 and layer.experts.w_gate_up.grad.dtype == torch.float32
     assert x1.grad.abs().max() > 0 and layer.experts.w_down.grad.abs().max() > 0
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without F.grouped_mm")
+def test_grouped_mm_output_is_no_view_and_takes_a_broadcast_gradient():
+    """FSDP2 warns on a module output that is a view; grouped_mm's backward refuses the stride-0 gradient of
+    y.sum() unless it is made contiguous first (fails with 'Invalid strides/sizes' without the hook)."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(2, 16, 32, grouped_mm="on")
+    torch.nn.init.normal_(experts.w_gate_up)
+    torch.nn.init.normal_(experts.w_down)
+    x = torch.randn(5, 16, requires_grad=True)
+    y = experts(x, ExpertRows([[2, 3]]))
+    assert not y._is_view()
+    y.sum().backward()
+    assert x.grad.abs().sum() > 0

@@ -40,6 +40,16 @@ from moe_dist.precision import param_dtype, resolve_precision
 def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> Transformer:
     """Single-device model on the meta device → sharded by the mesh (``trainer.freeze`` applied before FSDP2
     sees the parameters) → materialised → seeded init (→ the weights of ``model.init_from`` when set)."""
+    return materialise_model(sharded_meta_model(cfg, mesh, device), cfg, mesh, device)
+
+
+def sharded_meta_model(cfg: Config, mesh: Mesh, device: torch.device) -> Transformer:
+    """The first half of ``build_model``: the model on the meta device, sharded over the mesh, frozen where
+    ``trainer.freeze`` says, with its activation checkpointing hooks (and FSDP2 units for engine=fsdp).
+
+    The planner (moe_dist.plan) calls the two halves apart: this one outside its FakeTensorMode (a module
+    built on meta inside it cannot be moved to a device: its parameters would have to be swapped).
+    """
     with torch.device("meta"):
         model = Transformer(cfg.model).to(param_dtype(cfg.trainer.precision))
     parallelize_moe(model, mesh)
@@ -53,7 +63,18 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> Transformer:
         parallelize_fsdp(
             model, mesh, bf16=bf16, reshard_after_forward=e.reshard_after_forward, prefetch=e.prefetch
         )
+    return model
+
+
+def materialise_model(
+    model: Transformer, cfg: Config, mesh: Mesh, device: torch.device, *, init: bool = True
+) -> Transformer:
+    """The second half of ``build_model``: on the device, seeded init, then ``model.init_from`` if set.
+    ``init=False`` leaves the values undefined (the planner's fake tensors have none); the frozen parameters
+    stay frozen either way (``sharded_meta_model`` froze them)."""
     model.to_empty(device=device)
+    if not init:
+        return model
     model.init_weights(cfg.trainer.seed)
     if cfg.model.init_from:
         if init_from_kind(cfg.model.init_from) == "hf":

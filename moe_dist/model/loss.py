@@ -59,7 +59,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         w_cd = w_VD.to(compute_dtype)
         grad_h_TD = torch.empty_like(h_TD)
         acc_dtype = lse_T.dtype
-        grad_w_VD = torch.zeros(w_VD.shape, dtype=acc_dtype, device=w_VD.device)
+        # A frozen head (trainer.freeze=[embeddings]) needs no weight gradient: neither its [V, D] buffer
+        # nor the matmul that fills it.
+        needs_w = ctx.needs_input_grad[1]
+        grad_w_VD = torch.zeros(w_VD.shape, dtype=acc_dtype, device=w_VD.device) if needs_w else None
         for start in range(0, h_TD.shape[0], chunk):
             rows = slice(start, start + chunk)
             h_CD = h_TD[rows].to(compute_dtype)
@@ -74,8 +77,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_CV.mul_((valid_C.to(grad_CV.dtype) * grad_total).unsqueeze(1))
             grad_CV = grad_CV.to(compute_dtype)
             grad_h_TD[rows] = (grad_CV @ w_cd).to(h_TD.dtype)
-            grad_w_VD += (grad_CV.t() @ h_CD).to(acc_dtype)
-        return grad_h_TD, grad_w_VD.to(w_VD.dtype), None, None, None
+            if needs_w:
+                grad_w_VD += (grad_CV.t() @ h_CD).to(acc_dtype)
+        return grad_h_TD, grad_w_VD.to(w_VD.dtype) if needs_w else None, None, None, None
 
 
 def linear_cross_entropy(

@@ -13,6 +13,7 @@ combine:  the mirror: all_to_all back → Σ_k gate·y in one fused pass, into f
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -191,16 +192,18 @@ class ExpertRows:
 
     counts_PL: list[list[int]] | None  # rows per (source rank, local expert) on the host; None: not read yet
     device_counts_L: torch.Tensor | None = None  # rows per local expert on the device, once there
+    read_counts: Callable[[torch.Tensor], list] | None = None  # the dispatcher's exchange_counts
 
     @classmethod
-    def from_device(cls, tokens_per_expert_L: torch.Tensor) -> ExpertRows:
-        """Expert-major rows whose counts are still on the device (no exchange happened)."""
-        return cls(counts_PL=None, device_counts_L=tokens_per_expert_L)
+    def from_device(cls, tokens_per_expert_L: torch.Tensor, *, read_counts) -> ExpertRows:
+        """Expert-major rows whose counts are still on the device (no exchange happened); ``read_counts``
+        brings them to the host if the experts need them there (the dispatcher's ``exchange_counts``)."""
+        return cls(counts_PL=None, device_counts_L=tokens_per_expert_L, read_counts=read_counts)
 
     def host_counts(self) -> list[list[int]]:
         if self.counts_PL is None:
             # Host sync; only without an exchange (ep == 1, dropless), whose counts never reached the host.
-            self.counts_PL = [self.device_counts_L.tolist()]
+            self.counts_PL = self.read_counts(self.device_counts_L.view(1, -1))[0]
         return self.counts_PL
 
     def tokens_per_expert(self, device: torch.device) -> torch.Tensor:
@@ -225,9 +228,10 @@ class ExpertRows:
         """Host row index that reorders (source, expert) rows to (expert, source); None when already so."""
         if self.counts_PL is None or len(self.counts_PL) == 1:
             return None
-        segments_S2 = torch.tensor([seg for segs in self.segments() for seg in segs], dtype=torch.int64)
-        starts_S, lengths_S = segments_S2.reshape(-1, 2).unbind(dim=1)
-        return segment_index(starts_S, lengths_S, int(lengths_S.sum()))
+        segments = [seg for segs in self.segments() for seg in segs]
+        starts_S, lengths_S = torch.tensor(segments, dtype=torch.int64).reshape(-1, 2).unbind(dim=1)
+        # The row count from the host lists, not from the tensor: moe_dist.plan runs this on fake tensors.
+        return segment_index(starts_S, lengths_S, sum(n for _, n in segments))
 
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -307,7 +311,8 @@ class TokenDispatcher:
         """Kept copies per (EP rank, chunk, global expert), on the host of every rank of the EP group.
 
         The layer's one device-to-host sync: the exchange's split sizes must be known on the host. It is the
-        one place these counts come from (a planner without data would supply them here).
+        one place these counts come from: moe_dist.plan (fake tensors, no values) replaces it per dispatcher
+        with the routing it plans for (planning/routing.py); training never touches it.
         """
         C, E = kept_CE.shape
         if self.group is None:
@@ -431,7 +436,7 @@ class TokenDispatcher:
 
     def _exchange_all(self, plan: Plan) -> Dispatched:
         if self.group is None:
-            rows = ExpertRows.from_device(plan.kept_E)
+            rows = ExpertRows.from_device(plan.kept_E, read_counts=self.exchange_counts)
             if plan.counts_PCE is not None:
                 rows.counts_PL = plan.counts_PE
             return Dispatched(plan.x_MD, rows, plan.num_dropped, plan, None)

@@ -103,16 +103,13 @@ class _SegmentSwiGLU(torch.autograd.Function):
         return dx_RD, dw_gate_up, dw_down, None
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous (grouped_mm's backward needs it)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
+def _contiguous_grad(y: torch.Tensor) -> torch.Tensor:
+    """``y``, whose incoming gradient is made contiguous (grouped_mm's backward needs it). A tensor hook, not an
+    identity autograd Function: that returns a view, and FSDP2 warns on a module output that is a view (an
+    in-place op on it would skip FSDP2's pre-backward hook; moe_dist.plan showed the warning under fsdp)."""
+    if y.requires_grad:
+        y.register_hook(torch.Tensor.contiguous)
+    return y
 
 
 class GroupedExperts(nn.Module):
@@ -136,6 +133,11 @@ class GroupedExperts(nn.Module):
         if self.grouped_mm == "off" or not HAS_GROUPED_MM:
             return False
         if self.grouped_mm == "auto" and device.type != "cuda":
+            return False
+        if device.type == "cuda" and dtype != torch.bfloat16:
+            # torch's CUDA grouped_mm takes bf16 only ("Expected inputs of BF16 type"): fp32 / fp64 loop.
+            if self.grouped_mm == "on":
+                raise ValueError(f"model.moe.grouped_mm='on': CUDA grouped_mm needs bf16 inputs, got {dtype}")
             return False
         # grouped_mm needs every row stride to be a multiple of 16 bytes.
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -168,7 +170,7 @@ class GroupedExperts(nn.Module):
         offsets_L = torch.cumsum(rows.tokens_per_expert(x_RD.device), dim=0, dtype=torch.int32)
         h_R2F = F.grouped_mm(x_RD, w_gate_up, offs=offsets_L)
         gate, up = h_R2F.chunk(2, dim=-1)
-        y_RD = _ContiguousGrad.apply(F.grouped_mm(F.silu(gate) * up, w_down, offs=offsets_L))
+        y_RD = _contiguous_grad(F.grouped_mm(F.silu(gate) * up, w_down, offs=offsets_L))
         if order_R is not None:
             y_RD = y_RD.new_empty(y_RD.shape).index_copy(0, order_R, y_RD)
         return y_RD

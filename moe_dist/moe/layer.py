@@ -100,9 +100,15 @@ class MoELayer(nn.Module):
             capacity=self.capacity(len(x_TD)),
             experts=self.experts,
         )
+        aux_loss, z_loss = routing.aux_loss, routing.z_loss
+        if torch._C._current_graph_task_id() != -1:
+            # Inside backward: activation checkpointing recomputing this layer. Its losses were taken in the
+            # first forward; kept with their graph, they would hold every recomputed block's tensors until the
+            # step's end (8-layer CPU model, full checkpointing: step peak 49.6 MiB with, 13.9 without).
+            aux_loss, z_loss = aux_loss.detach(), z_loss.detach()
         self.stats = MoEStats(
-            aux_loss=routing.aux_loss,
-            z_loss=routing.z_loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
             counts_E=routing.counts_E,
             num_dropped=plan.num_dropped or 0,
             num_copies=routing.expert_ids_TK.numel(),

@@ -126,9 +126,10 @@ class Router(nn.Module):
         assert T % seq_len == 0, (T, seq_len)
         num_sequences = T // seq_len
         # Integer counts summed in float64: exact up to 2**53 at any batch size. The token and sequence
-        # counts are device fills (a host-to-device copy would make the host wait on CUDA).
+        # counts are device fills (a host-to-device copy would make the host wait on CUDA; so would
+        # ``sizes[1] = n``, a copy from a CPU scalar tensor: moe_dist.plan counts it).
         sizes = counts_E.new_full((2,), T, dtype=torch.float64)
-        sizes[1] = num_sequences
+        sizes[1].fill_(num_sequences)
         stats = torch.cat([counts_E.double(), sizes])
         if self.dp_group is not None:
             _all_reduce_sum(stats, group=self.dp_group)

@@ -53,12 +53,13 @@ def single_process_mesh() -> Mesh:
     )
 
 
-def build_mesh(*, ep: int, num_experts: int = 0) -> Mesh:
+def build_mesh(*, ep: int, num_experts: int = 0, device_type: str | None = None) -> Mesh:
     """Builds the mesh over the default process group (or a one-rank mesh when there is none).
 
     The layout is validated before any group is created, so a bad ``ep`` fails with a ValueError on every
     rank instead of hanging in a collective. The groups come from one torch DeviceMesh of shape (edp, ep),
-    whose row-major rank order is the layout above.
+    whose row-major rank order is the layout above; its device type is ``device_type`` (default: cuda under
+    NCCL, else cpu; the planner's fake process group stands for NCCL ranks and passes "cuda").
     """
     if not dist.is_initialized():
         validate_layout(world_size=1, ep=ep, num_experts=num_experts)
@@ -66,7 +67,7 @@ def build_mesh(*, ep: int, num_experts: int = 0) -> Mesh:
     world, rank = dist.get_world_size(), dist.get_rank()
     validate_layout(world_size=world, ep=ep, num_experts=num_experts)
     edp = world // ep
-    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    device_type = device_type or ("cuda" if dist.get_backend() == "nccl" else "cpu")
     device_mesh = init_device_mesh(device_type, (edp, ep), mesh_dim_names=("edp", "ep"))
     return Mesh(
         world_size=world,
