@@ -22,7 +22,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from moe_dist.parallel.apply import split_parameters
+from moe_dist.optim import set_lr
+from moe_dist.parallel.apply import clip_gradients_, split_parameters
 from moe_dist.parallel.layout import GlobalTensor, expert_dtensor
 from moe_dist.parallel.mesh import Mesh
 
@@ -43,6 +44,24 @@ class Engine(Protocol):
     def checkpoint_state(self) -> dict[str, GlobalTensor]: ...
 
     def after_checkpoint_load(self, state: dict[str, GlobalTensor]) -> None: ...
+
+
+class TorchAdamWEngine:
+    """What the native and fsdp engines share: torch AdamW (``self.optimizer``) stepping the model's own
+    tensors (``self.model``), clipped with the exact global norm the engine computed."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def step(self, grad_norm: torch.Tensor, *, max_norm: float) -> None:
+        clip_gradients_(self.model, max_norm=max_norm, total_norm=grad_norm)
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
 
 
 def zero_adam_state(p: torch.Tensor) -> dict[str, torch.Tensor]:

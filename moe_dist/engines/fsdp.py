@@ -24,14 +24,14 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from moe_dist.config import TrainerConfig
-from moe_dist.engines.base import live_state
-from moe_dist.optim import build_optimizer, set_lr
-from moe_dist.parallel.apply import clip_gradients_, scale_expert_grads_, sharded_grad_norm
+from moe_dist.engines.base import TorchAdamWEngine, live_state
+from moe_dist.optim import build_optimizer
+from moe_dist.parallel.apply import scale_expert_grads_, sharded_grad_norm
 from moe_dist.parallel.layout import GlobalTensor
 from moe_dist.parallel.mesh import Mesh
 
 
-class FSDPEngine:
+class FSDPEngine(TorchAdamWEngine):
     """AdamW on FSDP2-sharded parameters; gradients reduce-scattered by FSDP in backward."""
 
     def __init__(self, model: nn.Module, *, trainer: TrainerConfig, mesh: Mesh):
@@ -44,16 +44,6 @@ class FSDPEngine:
     def reduce_gradients(self) -> torch.Tensor:
         scale_expert_grads_(self.model, 1.0 / self.mesh.ep)  # EDP mean → sum over all W ranks / W
         return sharded_grad_norm(self.model, self.mesh)
-
-    def step(self, grad_norm: torch.Tensor, *, max_norm: float) -> None:
-        clip_gradients_(self.model, max_norm=max_norm, total_norm=grad_norm)
-        self.optimizer.step()
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def set_lr(self, lr: float) -> None:
-        set_lr(self.optimizer, lr)
 
     def checkpoint_state(self) -> dict[str, GlobalTensor]:
         """The live sharded parameters and their AdamW slots, DTensors placed like the parameters.

@@ -7,14 +7,14 @@ import torch
 from torch import nn
 
 from moe_dist.config import EngineConfig, TrainerConfig
-from moe_dist.engines.base import live_state
-from moe_dist.optim import build_optimizer, set_lr
-from moe_dist.parallel.apply import OverlappedGradSync, clip_gradients_, global_grad_norm, sync_gradients
+from moe_dist.engines.base import TorchAdamWEngine, live_state
+from moe_dist.optim import build_optimizer
+from moe_dist.parallel.apply import OverlappedGradSync, global_grad_norm, sync_gradients
 from moe_dist.parallel.layout import GlobalTensor
 from moe_dist.parallel.mesh import Mesh
 
 
-class NativeEngine:
+class NativeEngine(TorchAdamWEngine):
     """Plain AdamW; dense gradients all-reduced over the world, experts over EDP (parallel/apply.py)."""
 
     def __init__(self, model: nn.Module, *, engine: EngineConfig, trainer: TrainerConfig, mesh: Mesh):
@@ -45,16 +45,6 @@ class NativeEngine:
         else:
             sync_gradients(self.model, self.mesh)
         return global_grad_norm(self.model, self.mesh)
-
-    def step(self, grad_norm: torch.Tensor, *, max_norm: float) -> None:
-        clip_gradients_(self.model, max_norm=max_norm, total_norm=grad_norm)
-        self.optimizer.step()
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def set_lr(self, lr: float) -> None:
-        set_lr(self.optimizer, lr)
 
     def checkpoint_state(self) -> dict[str, GlobalTensor]:
         """The live parameters (fp32: they are the masters) and AdamW slots, experts as DTensors over ep."""
