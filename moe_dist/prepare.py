@@ -66,16 +66,18 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 @dataclass(frozen=True)
 class Options:
-    tokenizer: str | None  # local tokenizer.json or directory; None = byte-level
-    eos_token: str | None  # overrides the tokenizer's end-of-document token
-    field: str  # JSONL field holding the document text
-    column: str  # parquet column holding the document text
-    sft: bool  # records are prompt/response pairs, loss on the response only
-    prompt_field: str
-    response_field: str
-    val_fraction: float  # share of documents held out for validation
-    shard_tokens: int  # tokens per shard (the last one of a split is shorter)
-    chunk_bytes: int  # JSONL bytes per work unit
+    """How inputs become shards; the defaults are the command line's."""
+
+    tokenizer: str | None = None  # local tokenizer.json or directory; None = byte-level
+    eos_token: str | None = None  # overrides the tokenizer's end-of-document token
+    field: str = "text"  # JSONL field holding the document text
+    column: str = "text"  # parquet column holding the document text
+    sft: bool = False  # records are prompt/response pairs, loss on the response only
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    val_fraction: float = 0.01  # share of documents held out for validation
+    shard_tokens: int = 1 << 27  # tokens per shard (the last one of a split is shorter)
+    chunk_bytes: int = 64 << 20  # JSONL bytes per work unit
 
 
 @dataclass(frozen=True)
@@ -620,18 +622,26 @@ def main(argv: list[str] | None = None) -> None:
         "--tokenizer", help="local tokenizer.json or a directory holding one (default: byte-level)"
     )
     parser.add_argument("--eos-token", help="end-of-document token (default: from the tokenizer)")
-    parser.add_argument("--field", default="text", help="JSONL field with the document text (default: text)")
     parser.add_argument(
-        "--column", default="text", help="parquet column with the document text (default: text)"
+        "--field", default=Options.field, help="JSONL field with the document text (default: text)"
+    )
+    parser.add_argument(
+        "--column", default=Options.column, help="parquet column with the document text (default: text)"
     )
     parser.add_argument(
         "--sft", action="store_true", help="prompt/response records, loss on the response only"
     )
-    parser.add_argument("--prompt-field", default="prompt")
-    parser.add_argument("--response-field", default="response")
-    parser.add_argument("--val-fraction", type=float, default=0.01, help="documents held out (default: 0.01)")
-    parser.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard (default: 2^27)")
-    parser.add_argument("--chunk-bytes", type=int, default=64 << 20, help="JSONL bytes per work unit")
+    parser.add_argument("--prompt-field", default=Options.prompt_field)
+    parser.add_argument("--response-field", default=Options.response_field)
+    parser.add_argument(
+        "--val-fraction", type=float, default=Options.val_fraction, help="documents held out (default: 0.01)"
+    )
+    parser.add_argument(
+        "--shard-tokens", type=int, default=Options.shard_tokens, help="tokens per shard (default: 2^27)"
+    )
+    parser.add_argument(
+        "--chunk-bytes", type=int, default=Options.chunk_bytes, help="JSONL bytes per work unit"
+    )
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)"
     )

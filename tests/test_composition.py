@@ -84,18 +84,7 @@ def sft_dataset(root: Path) -> None:
             prompt = f"Q{i}: {''.join(rng.choices(letters, k=rng.randint(2, 8)))}?\n"
             response = "A: " + "".join(rng.choices(letters, k=rng.randint(1, 20)))
             f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
-    options = prep.Options(
-        tokenizer=None,
-        eos_token=None,
-        field="text",
-        column="text",
-        sft=True,
-        prompt_field="prompt",
-        response_field="response",
-        val_fraction=0.1,
-        shard_tokens=4096,
-        chunk_bytes=1 << 20,
-    )
+    options = prep.Options(sft=True, val_fraction=0.1, shard_tokens=4096, chunk_bytes=1 << 20)
     prep.prepare([str(root / "sft.jsonl")], root / "sft", options)
 
 

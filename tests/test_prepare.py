@@ -28,19 +28,8 @@ NUM_ADDED = 65_600  # added tokens that push the vocabulary past 65,536 ids (uin
 
 
 def options(**overrides) -> prep.Options:
-    base = {
-        "tokenizer": None,
-        "eos_token": None,
-        "field": "text",
-        "column": "text",
-        "sft": False,
-        "prompt_field": "prompt",
-        "response_field": "response",
-        "val_fraction": 0.2,
-        "shard_tokens": 3000,
-        "chunk_bytes": 20_000,
-    }
-    return prep.Options(**{**base, **overrides})
+    """Small shards and work units, so that a few KiB of test input spans several of each."""
+    return prep.Options(**{"val_fraction": 0.2, "shard_tokens": 3000, "chunk_bytes": 20_000, **overrides})
 
 
 def train_bpe(files: list[Path], path: Path, *, vocab_size: int = 400, added: int = 0) -> Path:

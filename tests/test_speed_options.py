@@ -115,18 +115,7 @@ def documents_dataset(root: Path) -> None:
     with open(root / "docs.jsonl", "w") as f:
         for _ in range(300):
             f.write(json.dumps({"text": "".join(rng.choices("abcdefghij ", k=rng.randint(5, 40)))}) + "\n")
-    options = prep.Options(
-        tokenizer=None,
-        eos_token=None,
-        field="text",
-        column="text",
-        sft=False,
-        prompt_field="prompt",
-        response_field="response",
-        val_fraction=0.1,
-        shard_tokens=4096,
-        chunk_bytes=1 << 20,
-    )
+    options = prep.Options(val_fraction=0.1, shard_tokens=4096, chunk_bytes=1 << 20)
     prep.prepare([str(root / "docs.jsonl")], root / "docs", options)
 
 
